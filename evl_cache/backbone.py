@@ -1,0 +1,286 @@
+"""The frozen CLIP image tower, run per frame, returning what the EVL decoder reads.
+
+Built through open_clip's own config path (named architectures or a model-config JSON), so any ViT
+open_clip can build works. The wrapper calls open_clip's blocks unchanged for the block outputs;
+for the captured blocks it additionally projects LN1(input) with the block's own in-projection to
+get q and k, which is exactly what that block's self-attention computes (EVL_REFERENCE.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evl_cache.errors import UserError
+
+ATTENTION_MODES = ("maps", "qk", "none")
+
+
+@dataclass
+class BackboneSpec:
+    """How to build the frozen image tower: architecture, weights and numeric precision.
+
+    arch: an open_clip model name (``ViT-B-16``, ``ViT-L-14``, ``ViT-L-14-336``) or a path to an
+        open_clip model-config JSON (``{"embed_dim": .., "vision_cfg": {..}}``) for small/custom ViTs.
+    weights: a local file (OpenAI TorchScript ``.pt``, open_clip/state-dict ``.pt``/``.bin``,
+        ``.safetensors``), ``openclip:<tag>`` for weights already in open_clip's local cache, or
+        ``random`` (an explicit choice, seeded by ``seed``; never a silent fallback).
+    quick_gelu: OpenAI CLIP weights were trained with QuickGELU, so it is on by default.
+    precision: ``auto`` = fp16 on CUDA, fp32 on CPU; or ``fp32`` / ``fp16`` / ``bf16``.
+    """
+
+    arch: str
+    weights: str
+    seed: int = 0
+    quick_gelu: bool = True
+    precision: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BackboneSpec":
+        return cls(**{k: d[k] for k in ("arch", "weights", "seed", "quick_gelu", "precision") if k in d})
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, streamed, so stores and checkpoints can pin the exact weights."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model_config(arch: str) -> dict[str, Any]:
+    """The open_clip model config for a name or a JSON file path."""
+    import open_clip
+
+    if arch.endswith(".json") or os.path.sep in arch:
+        path = Path(arch)
+        if not path.is_file():
+            raise UserError(f"model config {arch} not found; pass an open_clip model name or an existing JSON file")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"model config {arch} is not valid JSON ({err}); fix the file") from err
+    else:
+        cfg = open_clip.get_model_config(arch)
+        if cfg is None:
+            names = ", ".join(n for n in open_clip.list_models() if n.startswith("ViT"))[:300]
+            raise UserError(f"unknown architecture '{arch}'; use an open_clip ViT name ({names}, ...) or a config JSON path")
+    if "vision_cfg" not in cfg or "embed_dim" not in cfg:
+        raise UserError(f"model config {arch} has no 'vision_cfg'/'embed_dim'; use open_clip's model-config format")
+    vision = cfg["vision_cfg"]
+    if isinstance(vision.get("layers"), (list, tuple)) or vision.get("timm_model_name"):
+        raise UserError(f"architecture {arch} is not a plain ViT; EVL needs open_clip's VisionTransformer")
+    return cfg
+
+
+def _resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision not in table:
+        raise UserError(f"unknown precision '{precision}'; use auto, fp32, fp16 or bf16")
+    return table[precision]
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read weights from an OpenAI TorchScript archive, a safetensors file or a torch state dict."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:  # OpenAI's released CLIP files are TorchScript archives
+        return torch.jit.load(str(path), map_location="cpu").state_dict()
+    except (RuntimeError, ValueError):
+        pass
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure here means an unreadable file
+        raise UserError(f"weights file {path} is not a TorchScript, safetensors or torch state-dict file ({err.__class__.__name__}); check the path") from err
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise UserError(f"weights file {path} holds no state dict; save `model.state_dict()` or use the OpenAI .pt file")
+    return obj
+
+
+def _visual_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep the image tower's tensors, with DDP and CLIP prefixes removed."""
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if any(k.startswith("visual.") for k in sd):
+        sd = {k.removeprefix("visual."): v for k, v in sd.items() if k.startswith("visual.")}
+    return sd
+
+
+def build_visual_tower(spec: BackboneSpec, device: torch.device | str = "cpu") -> tuple[nn.Module, str]:
+    """Build open_clip's VisionTransformer for ``spec`` and load its weights.
+
+    Returns the tower (eval mode, requires_grad off) and the weights' identity: the file sha256,
+    ``openclip:<tag>`` or ``random:<seed>``.
+    """
+    import open_clip
+    from open_clip.model import _build_vision_tower, convert_weights_to_lp
+
+    device = torch.device(device)
+    dtype = _resolve_dtype(spec.precision, device)
+    cfg = load_model_config(spec.arch)
+    cast = dtype if dtype != torch.float32 else None
+    if spec.weights == "random":
+        torch.manual_seed(spec.seed)
+        identity = f"random:{spec.seed}"
+        visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=spec.quick_gelu, cast_dtype=cast)
+    elif spec.weights.startswith("openclip:"):
+        tag = spec.weights.split(":", 1)[1]
+        try:
+            model = open_clip.create_model(spec.arch, pretrained=tag, force_quick_gelu=spec.quick_gelu, device="cpu")
+        except Exception as err:  # noqa: BLE001 - offline or unknown tag
+            raise UserError(f"open_clip pretrained weights '{spec.arch}/{tag}' are not available locally ({err.__class__.__name__}); download them first or pass --weights FILE") from err
+        visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=spec.quick_gelu, cast_dtype=cast)
+        visual.load_state_dict(model.visual.state_dict())
+        identity = spec.weights
+    else:
+        path = Path(spec.weights)
+        if not path.is_file():
+            raise UserError(f"weights file {spec.weights} not found; pass a local CLIP checkpoint, openclip:<tag>, or 'random' explicitly")
+        visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=spec.quick_gelu, cast_dtype=cast)
+        sd = _visual_state_dict(_read_state_dict(path))
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+        missing, unexpected = visual.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise UserError(
+                f"weights file {path} does not fit architecture {spec.arch} "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]}); pass the matching --arch"
+            )
+        identity = file_sha256(path)
+    if dtype != torch.float32:
+        convert_weights_to_lp(visual, dtype)
+    visual.to(device).eval().requires_grad_(False)
+    return visual, identity
+
+
+class FrozenCLIPBackbone(nn.Module):
+    """Runs the image tower on every frame and captures the decoder's inputs for chosen blocks.
+
+    forward(frames (B, T, 3, S, S) normalised) returns a dict:
+      ``feats`` (B, K, T, L, C): outputs of the K captured blocks, CLS token at index 0;
+      attention ``maps``: ``attn`` (B, K, 2, T-1, P, P): [.., 0, j] = A_prev of frame j+1,
+      [.., 1, j] = A_next of frame j (softmax over patch keys of q.k/sqrt(D), head-averaged);
+      attention ``qk``: ``q``, ``k`` (B, K, T, L, H, D), after the in-projection, unscaled.
+    """
+
+    def __init__(self, visual: nn.Module, blocks: list[int] | None = None, attention: str = "maps",
+                 spec: BackboneSpec | None = None, weights_id: str = "") -> None:
+        super().__init__()
+        if attention not in ATTENTION_MODES:
+            raise UserError(f"unknown attention mode '{attention}'; use one of {', '.join(ATTENTION_MODES)}")
+        self.visual = visual
+        self.spec = spec
+        self.weights_id = weights_id
+        resblocks = visual.transformer.resblocks
+        self.num_layers = len(resblocks)
+        blocks = list(range(max(0, self.num_layers - 4), self.num_layers)) if blocks is None else [int(b) for b in blocks]
+        blocks = [b + self.num_layers if b < 0 else b for b in blocks]
+        if not blocks or any(b < 0 or b >= self.num_layers for b in blocks) or blocks != sorted(set(blocks)):
+            raise UserError(f"blocks {blocks} invalid for a {self.num_layers}-block ViT; give increasing indices in 0..{self.num_layers - 1}")
+        self.blocks = blocks
+        self.attention = attention
+        self.width = visual.transformer.width
+        self.heads = resblocks[0].attn.num_heads
+        self.head_dim = self.width // self.heads
+        self.image_size = int(visual.image_size[0])
+        self.patch_size = int(visual.patch_size[0])
+        self.grid = (int(visual.grid_size[0]), int(visual.grid_size[1]))
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.num_tokens = 1 + self.num_patches
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual.conv1.weight.device
+
+    def describe(self) -> dict[str, Any]:
+        """The facts a cache store records so training can refuse a mismatched store."""
+        return {
+            "arch": self.spec.arch if self.spec else "custom",
+            "weights": self.spec.weights if self.spec else "",
+            "weights_id": self.weights_id,
+            "quick_gelu": bool(self.spec.quick_gelu) if self.spec else True,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "width": self.width,
+            "heads": self.heads,
+            "layers": self.num_layers,
+            "grid": list(self.grid),
+        }
+
+    def _qk(self, block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k of ``block``'s self-attention for input x (N, L, C): in-projection of LN1(x)."""
+        attn = block.attn
+        c = self.width
+        qk = F.linear(block.ln_1(x), attn.in_proj_weight[: 2 * c], attn.in_proj_bias[: 2 * c])
+        n, length, _ = x.shape
+        q, k = qk.view(n, length, 2, self.heads, self.head_dim).unbind(2)
+        return q, k
+
+    def adjacent_maps(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Head-averaged adjacent-frame attention over patch tokens: (B, T, L, H, D) -> (B, 2, T-1, P, P)."""
+        q = q[:, :, 1:].float() / math.sqrt(self.head_dim)
+        k = k[:, :, 1:].float()
+        prev = torch.einsum("btphd,btkhd->bthpk", q[:, 1:], k[:, :-1]).softmax(-1).mean(2)
+        nxt = torch.einsum("btphd,btkhd->bthpk", q[:, :-1], k[:, 1:]).softmax(-1).mean(2)
+        return torch.stack([prev, nxt], dim=1)
+
+    @torch.no_grad()
+    def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, t = frames.shape[:2]
+        x = frames.flatten(0, 1).to(device=self.device, dtype=self.dtype)
+        x = self.visual._embeds(x)
+        capture = set(self.blocks)
+        feats, qs, ks, maps = [], [], [], []
+        for i, block in enumerate(self.visual.transformer.resblocks[: self.blocks[-1] + 1]):
+            if i in capture and self.attention != "none":
+                q, k = self._qk(block, x)
+                q = q.view(b, t, *q.shape[1:])
+                k = k.view(b, t, *k.shape[1:])
+                if self.attention == "qk":
+                    qs.append(q)
+                    ks.append(k)
+                else:
+                    maps.append(self.adjacent_maps(q, k))
+            x = block(x)
+            if i in capture:
+                feats.append(x.view(b, t, *x.shape[1:]))
+        out = {"feats": torch.stack(feats, dim=1)}
+        if self.attention == "qk":
+            out["q"] = torch.stack(qs, dim=1)
+            out["k"] = torch.stack(ks, dim=1)
+        elif self.attention == "maps":
+            out["attn"] = torch.stack(maps, dim=1)
+        return out
+
+
+def build_backbone(spec: BackboneSpec, blocks: list[int] | None = None, attention: str = "maps",
+                   device: torch.device | str = "cpu") -> FrozenCLIPBackbone:
+    """Build the frozen backbone wrapper from a spec (the library entry point used by extract and predict)."""
+    visual, identity = build_visual_tower(spec, device)
+    return FrozenCLIPBackbone(visual, blocks=blocks, attention=attention, spec=spec, weights_id=identity)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
