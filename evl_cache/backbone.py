@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path))
     try:  # OpenAI's released CLIP files are TorchScript archives
-        return torch.jit.load(str(path), map_location="cpu").state_dict()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path), map_location="cpu").state_dict()
     except (RuntimeError, ValueError):
         pass
     try:
