@@ -8,6 +8,7 @@ dense sampling with a stride (Kinetics) and segment sampling (SSv2).
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -195,9 +196,15 @@ def decode_frames(reader: Any, indices: list[int]) -> np.ndarray:
     return batch[[pos[i] for i in indices]]
 
 
+_DECORD_PREFIX = re.compile(r"^\[[0-9:]+\] \S+\.cc:\d+: (Check failed: )?")
+
+
 def _short(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    line = text[0] if text else err.__class__.__name__
+    """decord's messages carry a timestamp and source location; keep the part a user can act on."""
+    text = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    line = _DECORD_PREFIX.sub("", text[0]) if text else err.__class__.__name__
+    if "cannot find video stream" in line:
+        return "no decodable video stream (audio-only file, or a codec decord lacks, e.g. AV1)"
     return line[:200]
 
 
