@@ -69,12 +69,15 @@ class ExtractSummary:
     clip_views_per_s: float
     bytes_on_disk: int
     failures: list[tuple[int, str, str]]
+    first_shard_s: float = 0.0
+    steady_clip_views_per_s: float = 0.0
 
     def lines(self) -> list[str]:
         out = [
             f"store {self.store}: {self.done}/{self.total} done, {self.failed} failed, "
             f"{self.skipped} already done before this run",
-            f"processed {self.processed} videos in {self.seconds:.1f} s ({self.clip_views_per_s:.2f} clip-views/s), "
+            f"processed {self.processed} videos in {self.seconds:.1f} s ({self.clip_views_per_s:.2f} clip-views/s; "
+            f"first shard after {self.first_shard_s:.1f} s, then {self.steady_clip_views_per_s:.2f} clip-views/s), "
             f"{self.bytes_on_disk / 2**20:.1f} MiB on disk",
         ]
         for idx, path, err in self.failures[:50]:
@@ -213,22 +216,30 @@ def extract(manifest: Any, store_path: str, cfg: ExtractConfig) -> ExtractSummar
     todo = [i for i in range(len(status)) if status[i] in todo_status]
     shards = shards_of(todo, cfg.shard_size)
     started = time.time()
-    processed = _run_shards(store, store_path, manifest, shards, attrs, blocks, cfg)
+    processed, first_at, first_count = _run_shards(store, store_path, manifest, shards, attrs, blocks, cfg)
     seconds = time.time() - started
+    first_shard_s = first_at - started if first_at else 0.0
+    steady_s = seconds - first_shard_s
     info = store.info()
     return ExtractSummary(
         store=store_path, total=info.num_videos, done=info.done, failed=info.failed, skipped=skipped,
         processed=processed, seconds=seconds,
         clip_views_per_s=(processed * store.num_views / seconds) if seconds > 0 else 0.0,
-        bytes_on_disk=info.bytes_on_disk, failures=info.failures,
+        bytes_on_disk=info.bytes_on_disk, failures=info.failures, first_shard_s=first_shard_s,
+        steady_clip_views_per_s=((processed - first_count) * store.num_views / steady_s) if steady_s > 0 else 0.0,
     )
 
 
 def _run_shards(store: CacheStore, store_path: str, manifest: Any, shards: dict[int, list[int]],
-                attrs: dict[str, Any], blocks: list[int], cfg: ExtractConfig) -> int:
-    """Push shards through decode -> backbone -> write on Ray, marking each as it lands."""
+                attrs: dict[str, Any], blocks: list[int], cfg: ExtractConfig) -> tuple[int, float, int]:
+    """Push shards through decode -> backbone -> write on Ray, marking each as it lands.
+
+    Returns (videos processed, time the first shard landed, videos in that first shard), so the
+    summary can separate the one-off start-up (workers importing torch, loading weights) from
+    the steady-state rate.
+    """
     if not shards:
-        return 0
+        return 0, 0.0, 0
     from evl_cache.progress import ExtractProgress
     from evl_cache.ray_runtime import ray_session
 
@@ -254,7 +265,7 @@ def _run_shards(store: CacheStore, store_path: str, manifest: Any, shards: dict[
         queue = sorted(shards)
         inflight: dict[Any, tuple[int, list[Any]]] = {}
         known_failures: dict[int, dict[int, dict[str, Any]]] = {}
-        processed = 0
+        processed, first_at, first_count = 0, 0.0, 0
         with ExtractProgress(total_videos, enabled=cfg.progress, views=store.num_views) as progress:
             turn = 0
 
@@ -295,9 +306,11 @@ def _run_shards(store: CacheStore, store_path: str, manifest: Any, shards: dict[
                 store.mark(results)  # the whole shard was rewritten, so all its records are current
                 wanted = [results[i] for i in shards[shard]]
                 processed += len(wanted)
+                if not first_at:
+                    first_at, first_count = time.time(), len(wanted)
                 progress.advance(done=sum(r["status"] == DONE for r in wanted),
                                  failed=sum(r["status"] == FAILED for r in wanted))
-    return processed
+    return processed, first_at, first_count
 
 
 def _crashed_decodes(ray: Any, shard: int, refs: list[Any], shard_size: int) -> dict[int, dict[str, Any]]:
