@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -242,12 +241,13 @@ class FrozenCLIPBackbone(nn.Module):
         return q, k
 
     def adjacent_maps(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Head-averaged adjacent-frame attention over patch tokens: (B, T, L, H, D) -> (B, 2, T-1, P, P)."""
-        q = q[:, :, 1:].float() / math.sqrt(self.head_dim)
-        k = k[:, :, 1:].float()
-        prev = torch.einsum("btphd,btkhd->bthpk", q[:, 1:], k[:, :-1]).softmax(-1).mean(2)
-        nxt = torch.einsum("btphd,btkhd->bthpk", q[:, :-1], k[:, 1:]).softmax(-1).mean(2)
-        return torch.stack([prev, nxt], dim=1)
+        """Head-averaged adjacent-frame attention over patch tokens: (B, T, L, H, D) -> (B, 2, T-1, P, P).
+
+        The same function the decoder uses on cached q/k, so ``maps`` and ``qk`` stores agree exactly.
+        """
+        from evl_cache.tca import temporal_attention_maps
+
+        return temporal_attention_maps(q, k)
 
     @torch.no_grad()
     def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
