@@ -1,0 +1,275 @@
+"""The training recipe as dataclasses: YAML in and out, dotted overrides from the command line.
+
+Defaults are the EVL Kinetics-400 recipe (EVL_REFERENCE.md, "Training"). The decoder's shape (K
+layers, width, heads, frames, grid, classes, attention input) is not chosen here: it comes from the
+cache store the model trains on. The ``model`` section may restate those values, and a store that
+disagrees with a restated value is refused (see `decoder_config_for_store`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evl_cache.errors import UserError
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+# Sections of a recipe YAML that belong to other stages (e.g. `extract` for `evl-cache extract`).
+OTHER_SECTIONS = {"extract", "eval", "pipeline", "name", "description"}
+
+
+@dataclass
+class ModelConfig:
+    """Decoder options. ``None`` shape fields are taken from the store; set ones must match it."""
+
+    num_layers: int | None = None
+    width: int | None = None
+    heads: int | None = None
+    frames: int | None = None
+    grid: list[int] | None = None
+    num_classes: int | None = None
+    attention_input: str | None = None
+    mlp_ratio: float = 4.0
+    mlp_dropout: float = 0.5
+    head_dropout: float = 0.5
+    temporal_conv: bool = True
+    temporal_pos: bool = True
+    temporal_cross_attention: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. ``batch_size`` is the global batch per optimizer step (split into
+    ``grad_accum`` micro-batches); ``lr`` follows a per-step cosine to ``min_lr`` after warmup."""
+
+    steps: int = 50_000
+    batch_size: int = 256
+    lr: float = 4e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    label_smoothing: float = 0.0
+    grad_accum: int = 1
+    amp: str = "auto"
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 1000
+    eval_every: int = 1000
+    log_every: int = 10
+    eval_batch_size: int = 64
+
+
+@dataclass
+class DataConfig:
+    """Where the cached tensors come from and how they are streamed."""
+
+    train_store: str | None = None
+    val_store: str | None = None
+    num_workers: int = 4
+    prefetch_factor: int = 2
+    pin_memory: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> "RunConfig":
+        if not isinstance(d, dict):
+            raise UserError(f"{where} must be a mapping with sections model/train/data")
+        unknown = sorted(set(d) - {"model", "train", "data"} - OTHER_SECTIONS)
+        if unknown:
+            raise UserError(f"{where}: unknown section(s) {unknown}; training reads model, train and data "
+                            f"(a recipe may also hold {sorted(OTHER_SECTIONS)})")
+        return cls(
+            model=_section(ModelConfig, d.get("model"), f"{where}: model"),
+            train=_section(TrainConfig, d.get("train"), f"{where}: train"),
+            data=_section(DataConfig, d.get("data"), f"{where}: data"),
+        ).validated(where)
+
+    def validated(self, where: str = "config") -> "RunConfig":
+        t = self.train
+        problems = []
+        if t.steps < 1:
+            problems.append(f"train.steps={t.steps} must be >= 1")
+        if t.batch_size < 1 or t.grad_accum < 1 or t.batch_size % t.grad_accum:
+            problems.append(f"train.batch_size={t.batch_size} must be a positive multiple of train.grad_accum={t.grad_accum}")
+        if t.amp not in AMP_MODES:
+            problems.append(f"train.amp={t.amp!r} must be one of {AMP_MODES}")
+        if not 0 <= t.label_smoothing < 1:
+            problems.append(f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
+        if t.warmup_steps < 0 or (t.warmup_steps > 0 and t.warmup_steps >= t.steps):
+            problems.append(f"train.warmup_steps={t.warmup_steps} must be in [0, steps)")
+        if len(t.betas) != 2:
+            problems.append(f"train.betas={t.betas} must be two numbers")
+        for name in ("checkpoint_every", "eval_every", "log_every", "eval_batch_size"):
+            if getattr(t, name) < 1:
+                problems.append(f"train.{name} must be >= 1")
+        if self.data.num_workers < 0:
+            problems.append("data.num_workers must be >= 0")
+        if problems:
+            raise UserError(f"bad {where}: " + "; ".join(problems))
+        return self
+
+
+def _section(cls: type, d: Any, where: str) -> Any:
+    d = {} if d is None else d
+    if not isinstance(d, dict):
+        raise UserError(f"{where} must be a mapping, got {type(d).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    return cls(**{k: _coerce(v, known[k], f"{where}.{k}") for k, v in d.items()})
+
+
+def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
+    """Light type checking so that `steps: ten` fails here with a clear line, not deep in training."""
+    kind = str(f.type)
+    if value is None:
+        if "None" in kind:
+            return None
+        raise UserError(f"{where} may not be null")
+    try:
+        if kind.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind.startswith("bool"):
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if kind.startswith("str"):
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if kind.startswith("list"):
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return [float(v) if "float" in kind else int(v) for v in value]
+    except (TypeError, ValueError):
+        raise UserError(f"{where}={value!r} has the wrong type (expected {kind})") from None
+    return value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a recipe YAML (or the defaults when ``path`` is None) and apply ``a.b=value`` overrides."""
+    data: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        p = Path(path)
+        where = str(p)
+        if not p.is_file():
+            raise UserError(f"config file {p} not found; pass an existing YAML (see configs/train_default.yaml)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"config file {p} is not valid YAML ({err.__class__.__name__}); fix the file") from err
+        if not isinstance(data, dict):
+            raise UserError(f"config file {p} must hold a mapping with sections model/train/data")
+    for item in overrides or []:
+        apply_override(data, item)
+    return RunConfig.from_dict(data, where)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """``train.lr=1e-3`` -> data["train"]["lr"] = 1e-3 (value parsed as YAML)."""
+    key, sep, raw = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise UserError(f"bad override '{item}'; use section.key=value, e.g. train.lr=1e-3")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise UserError(f"bad override value in '{item}'; give a YAML scalar or list") from None
+    section = data.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise UserError(f"bad override '{item}': {parts[0]} is not a section")
+    section[parts[1]] = value
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# -------------------------------------------------------------------- the decoder from the store
+
+
+def decoder_config_for_store(model: ModelConfig, attrs: dict[str, Any], where: str):
+    """The `DecoderConfig` a store implies, after checking every value the config restates."""
+    from evl_cache.decoder import DecoderConfig
+
+    implied = {
+        "num_layers": len(attrs["blocks"]),
+        "width": int(attrs["width"]),
+        "heads": int(attrs["heads"]),
+        "frames": int(attrs["frames"]),
+        "grid": [int(g) for g in attrs["grid"]],
+        "num_classes": len(attrs["class_names"]),
+        "attention_input": attrs["attention"],
+    }
+    for key, value in implied.items():
+        stated = getattr(model, key)
+        if stated is not None and (list(stated) if key == "grid" else stated) != value:
+            raise UserError(
+                f"store {where} has {key}={value} but the config says model.{key}={stated}; "
+                f"remove model.{key} from the config or use a store extracted for it"
+            )
+    if implied["num_classes"] < 1:
+        raise UserError(f"store {where} lists no class names; extract it from a labelled manifest")
+    if model.temporal_cross_attention and implied["attention_input"] == "none":
+        raise UserError(
+            f"store {where} has attention 'none' but temporal cross attention is on; "
+            f"set model.temporal_cross_attention=false or extract with --attention maps"
+        )
+    return DecoderConfig(
+        num_layers=implied["num_layers"], width=implied["width"], heads=implied["heads"],
+        frames=implied["frames"], grid=tuple(implied["grid"]), num_classes=implied["num_classes"],
+        mlp_ratio=model.mlp_ratio, mlp_dropout=model.mlp_dropout, head_dropout=model.head_dropout,
+        temporal_conv=model.temporal_conv, temporal_pos=model.temporal_pos,
+        temporal_cross_attention=model.temporal_cross_attention,
+        attention_input=implied["attention_input"],
+    )
+
+
+# Attributes a validation/eval store must share with the training store (views may differ).
+PAIR_KEYS = ("backbone", "blocks", "frames", "tokens", "width", "grid", "attention", "sampling")
+
+
+def check_store_pair(train_attrs: dict[str, Any], other: dict[str, Any], where: str, what: str = "train store") -> None:
+    """Refuse an eval/val store that was not extracted like the training store, naming the difference."""
+    for key in PAIR_KEYS:
+        a, b = _comparable(key, train_attrs.get(key)), _comparable(key, other.get(key))
+        if a != b:
+            raise UserError(
+                f"store {where} has {key}={b!r} but the {what} has {key}={a!r}; "
+                f"extract the store with the same backbone/blocks/frames/attention/sampling"
+            )
+    if list(train_attrs["class_names"]) != list(other["class_names"]):
+        n, m = len(other["class_names"]), len(train_attrs["class_names"])
+        detail = f"{n} classes vs {m}" if n != m else "the same number of classes in a different order/naming"
+        raise UserError(f"store {where} has different class names than the {what} ({detail}); "
+                        f"extract it with the same label set")
+
+
+def _comparable(key: str, value: Any) -> Any:
+    # The weights *path* may differ between machines; the sha256 identity is what must match.
+    if key == "backbone" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "weights"}
+    return value
