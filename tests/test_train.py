@@ -1,0 +1,342 @@
+"""Training from a tiny real cache store: recipe config, loader, loss going down, exact resume, bad input.
+
+Stores are built with extraction's own work units (decode_video -> BackboneRunner -> write_shard ->
+mark) without starting Ray, from videos written with PyAV and a random-init tiny ViT.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import media
+from evl_cache.backbone import BackboneSpec
+from evl_cache.config import RunConfig, apply_override, decoder_config_for_store, load_config
+from evl_cache.errors import UserError
+from evl_cache.extract import BackboneRunner, ExtractConfig, decode_video, store_attributes
+from evl_cache.store import create_store, open_store, shards_of, tensor_shapes
+from evl_cache.train import STATE_FILE, lr_factor, train
+from evl_cache.video import Sampling, ViewSet
+
+TINY = str(Path(__file__).parent / "assets" / "tiny_vit.json")
+SPEC = BackboneSpec(arch=TINY, weights="random", seed=0)
+SAMPLING = Sampling("dense", frames=4, stride=2)
+
+
+def write_videos(folder: Path, n: int, seed: int = 0) -> tuple[list[str], list[int]]:
+    """n short videos, label = direction of motion (class 1 is the mirror image of class 0)."""
+    paths, labels = [], []
+    for i in range(n):
+        frames = media.moving_square_frames(12, seed=seed + i)
+        label = i % 2
+        if label:
+            frames = np.ascontiguousarray(frames[:, :, ::-1])
+        paths.append(str(media.write_video(folder / f"v{i}.mp4", frames)))
+        labels.append(label)
+    return paths, labels
+
+
+def build_store(path: Path, paths: list[str], labels: list[int], views: ViewSet, *, dtype: str = "float16",
+                attention: str = "maps", blocks: list[int] | None = None, class_names=("left", "right"),
+                sampling: Sampling = SAMPLING, spec: BackboneSpec = SPEC, shard_size: int = 4) -> str:
+    """Extract `paths` into a store at `path` with extract's work units, serially (no Ray)."""
+    blocks = [1, 2] if blocks is None else blocks
+    cfg = ExtractConfig(backbone=spec, sampling=sampling, views=views, blocks=blocks, attention=attention,
+                        dtype=dtype, shard_size=shard_size)
+    runner = BackboneRunner(spec.to_dict(), blocks, attention, dtype, device="cpu")
+    attrs = store_attributes(runner.backbone.describe(), runner.backbone.blocks, cfg, list(class_names), "test", {})
+    store = create_store(str(path), attrs, paths, labels, shard_size=shard_size)
+    size = attrs["backbone"]["image_size"]
+    for shard, idx in shards_of(range(len(paths)), shard_size).items():
+        decoded = [decode_video(paths[i], Path(paths[i]).name, sampling, views, size, attrs["min_frames"]) for i in idx]
+        tensors, records = runner.compute(8, tensor_shapes(attrs), views.num_views, *decoded)
+        store.write_shard(shard, tensors)
+        store.mark({i: r for i, r in zip(idx, records)})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    paths, labels = write_videos(root / "videos", 8)
+    train_store = build_store(root / "train.zarr", paths, labels, ViewSet("train", count=2, temporal=1, spatial=1, seed=0))
+    val_store = build_store(root / "val.zarr", paths[:4], labels[:4], ViewSet("eval", count=2, temporal=2, spatial=1))
+    return {"root": root, "train": train_store, "val": val_store, "paths": paths, "labels": labels}
+
+
+def tiny_cfg(stores, **train) -> RunConfig:
+    cfg = RunConfig.from_dict({
+        "model": {"mlp_dropout": 0.5, "head_dropout": 0.5},
+        "train": {"steps": 6, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 3, "eval_every": 3, "log_every": 1,
+                  "eval_batch_size": 4, **train},
+        "data": {"train_store": stores["train"], "num_workers": 0},
+    })
+    return cfg
+
+
+def losses(run: Path, key: str = "loss") -> list[float]:
+    return [r[key] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+# ------------------------------------------------------------------------------------ config
+
+
+def test_config_defaults_are_the_reference_recipe():
+    cfg = load_config(None)
+    t = cfg.train
+    assert (t.batch_size, t.lr, t.weight_decay, t.warmup_steps, t.label_smoothing, t.grad_accum) == (256, 4e-4, 0.05, 0, 0.0, 1)
+    assert t.betas == [0.9, 0.999] and t.steps == 50_000
+    assert cfg.model.temporal_conv and cfg.model.temporal_pos and cfg.model.temporal_cross_attention
+    assert cfg.model.mlp_dropout == 0.5 and cfg.model.head_dropout == 0.5
+
+
+def test_config_yaml_and_overrides(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  steps: 10\n  lr: 1.0e-3\nmodel:\n  temporal_pos: false\n")
+    cfg = load_config(p, ["train.lr=2e-3", "data.num_workers=0", "train.betas=[0.8, 0.9]"])
+    assert cfg.train.steps == 10 and cfg.train.lr == 2e-3 and cfg.train.betas == [0.8, 0.9]
+    assert cfg.model.temporal_pos is False and cfg.data.num_workers == 0
+    with pytest.raises(UserError, match="unknown key"):
+        load_config(p, ["train.learning_rate=1"])
+    with pytest.raises(UserError, match="wrong type"):
+        load_config(p, ["train.steps=ten"])
+    with pytest.raises(UserError, match="section.key=value"):
+        apply_override({}, "lr")
+    with pytest.raises(UserError, match="multiple of train.grad_accum"):
+        load_config(p, ["train.batch_size=10", "train.grad_accum=3"])
+
+
+def test_lr_schedule_cosine_per_step():
+    assert lr_factor(0, 100, 0, 0.0) == 1.0
+    assert lr_factor(50, 100, 0, 0.0) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 0, 0.0) == pytest.approx(0.0)
+    assert lr_factor(0, 100, 10, 0.0) == pytest.approx(0.1)  # warmup ramps to 1 at step 9
+    assert lr_factor(9, 100, 10, 0.0) == 1.0
+
+
+def test_decoder_shape_comes_from_the_store(stores):
+    attrs = open_store(stores["train"]).attrs
+    d = decoder_config_for_store(load_config(None).model, attrs, "s")
+    assert (d.num_layers, d.width, d.heads, d.frames, d.grid, d.num_classes, d.attention_input) == (2, 64, 4, 4, (4, 4), 2, "maps")
+    cfg = load_config(None, ["model.frames=8"])
+    with pytest.raises(UserError, match="frames=4 but the config says model.frames=8"):
+        decoder_config_for_store(cfg.model, attrs, "s")
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def test_epoch_sampler_visits_every_video_once_per_epoch():
+    from evl_cache.data import EpochSampler
+
+    s = EpochSampler(np.array([0, 2, 3, 5]), num_views=3, seed=1)
+    it = iter(s)
+    stream = [next(it) for _ in range(12)]
+    for e in range(3):
+        epoch = stream[4 * e: 4 * e + 4]
+        assert sorted(i // 3 for i in epoch) == [0, 2, 3, 5]
+    assert stream[:4] != stream[4:8]  # reshuffled every epoch
+    resumed = iter(EpochSampler(np.array([0, 2, 3, 5]), 3, seed=1, start=6))
+    assert [next(resumed) for _ in range(6)] == stream[6:]
+
+
+def test_loader_batches_match_store_reads_with_a_worker(stores):
+    from evl_cache.data import make_loader
+
+    store = open_store(stores["train"])
+    batch0 = next(iter(make_loader(stores["train"], 4, train=True, seed=3, num_workers=0)))
+    batch1 = next(iter(make_loader(stores["train"], 4, train=True, seed=3, num_workers=1)))
+    assert batch0["feats"].shape == (4, 2, 4, 17, 64) and batch0["attn"].shape == (4, 2, 2, 3, 16, 16)
+    assert batch0["feats"].dtype == torch.float16
+    slow = next(iter(make_loader(stores["train"], 4, train=True, seed=3, num_workers=0, fast=False)))  # zarr path
+    for k in batch0:
+        assert torch.equal(batch0[k], batch1[k]) and torch.equal(batch0[k], slow[k]) and batch0[k].dtype == slow[k].dtype
+    # eval mode: every (video, view) once, in order, last batch partial
+    seen = [(int(v), b["feats"].shape[0]) for b in make_loader(stores["val"], 3, train=False) for v in b["video"]]
+    assert [v for v, _ in seen] == [0, 0, 1, 1, 2, 2, 3, 3] and seen[-1][1] == 2
+    # item 0 of the batch is what the store returns for that (video, view)
+    from evl_cache.data import EpochSampler
+
+    first = next(iter(EpochSampler(store.done_indices(), store.num_views, 3)))
+    ref = store.read(*divmod(first, store.num_views))
+    assert torch.equal(batch0["feats"][0], ref["feats"]) and int(batch0["label"][0]) == int(ref["label"])
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def test_training_reduces_loss(stores, tmp_path):
+    cfg = tiny_cfg(stores, steps=30, checkpoint_every=100, log_every=1, lr=2e-3)
+    cfg.model.mlp_dropout = cfg.model.head_dropout = 0.0
+    summary = train(cfg, tmp_path / "run", progress=False)
+    ls = losses(tmp_path / "run")
+    assert len(ls) == 30 and all(math.isfinite(v) for v in ls)
+    assert np.mean(ls[-5:]) < 0.5 * np.mean(ls[:5])
+    assert summary.steps == 30
+    for name in ("model.safetensors", "model.json", STATE_FILE, "plots/loss.png", "plots/lr.png", "config.yaml"):
+        assert (tmp_path / "run" / name).is_file(), name
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())["meta"]
+    assert meta["class_names"] == ["left", "right"] and meta["blocks"] == [1, 2]
+    assert meta["backbone"]["weights_id"] == "random:0" and meta["eval_views"] == {"temporal": 3, "spatial": 1}
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())]
+    assert lrs[0] == pytest.approx(2e-3) and lrs[-1] == pytest.approx(2e-3 * lr_factor(29, 30, 0, 0.0))
+
+
+def test_resume_continues_bit_for_bit(stores, tmp_path):
+    full = train(tiny_cfg(stores), tmp_path / "full", progress=False)
+    train(tiny_cfg(stores), tmp_path / "cut", until_step=3, progress=False)
+    assert len(losses(tmp_path / "cut")) == 3
+    with pytest.raises(UserError, match="--resume"):
+        train(tiny_cfg(stores), tmp_path / "cut", progress=False)
+    resumed = train(tiny_cfg(stores), tmp_path / "cut", resume=True, progress=False)
+    assert resumed.start_step == 3 and full.steps == resumed.steps == 6
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # exact floats, not approx
+    a = open_state(tmp_path / "full" / "model.safetensors")
+    b = open_state(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_exact_with_a_worker_and_grad_accum(stores, tmp_path):
+    kw = {"batch_size": 4, "grad_accum": 2, "log_every": 2}  # the cut at 3 falls inside a log window
+    full = tiny_cfg(stores, **kw)
+    full.data.num_workers = 1
+    train(full, tmp_path / "full", progress=False)
+    train(tiny_cfg(stores, **kw), tmp_path / "cut", until_step=3, progress=False)  # 0 workers before the cut
+    cut = tiny_cfg(stores, **kw)
+    cut.data.num_workers = 1
+    train(cut, tmp_path / "cut", resume=True, progress=False)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full") and len(losses(tmp_path / "full")) == 3
+    assert losses(tmp_path / "cut", "loss_mean") == losses(tmp_path / "full", "loss_mean")
+
+
+def test_resume_refuses_changed_recipe(stores, tmp_path):
+    train(tiny_cfg(stores), tmp_path / "r", until_step=3, progress=False)
+    with pytest.raises(UserError, match="train.lr was 0.001, now 0.01"):
+        train(tiny_cfg(stores, lr=1e-2), tmp_path / "r", resume=True, progress=False)
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(tiny_cfg(stores), tmp_path / "empty", resume=True, progress=False)
+
+
+def test_validation_metrics_logged(stores, tmp_path):
+    cfg = tiny_cfg(stores, steps=3)
+    cfg.data.val_store = stores["val"]
+    s = train(cfg, tmp_path / "v", progress=False)
+    recs = [json.loads(x) for x in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in recs if "val_top1" in r]
+    assert len(vals) == 1 and vals[0]["step"] == 3 and 0.0 <= vals[0]["val_top1"] <= 1.0
+    assert s.val_top1 == vals[0]["val_top1"]
+    assert (tmp_path / "v" / "plots" / "val_accuracy.png").is_file()
+    meta = json.loads((tmp_path / "v" / "model.json").read_text())["meta"]
+    assert meta["eval_views"] == {"temporal": 2, "spatial": 1}  # the val store's grid
+
+
+def test_bad_stores_are_refused(stores, tmp_path):
+    cfg = tiny_cfg(stores)
+    cfg.data.train_store = str(tmp_path / "missing.zarr")
+    with pytest.raises(UserError, match="no cache store"):
+        train(cfg, tmp_path / "a", progress=False)
+    other = build_store(tmp_path / "three.zarr", stores["paths"][:2], [0, 2], ViewSet("eval", count=1, temporal=1, spatial=1),
+                        class_names=("a", "b", "c"))
+    cfg = tiny_cfg(stores)
+    cfg.data.val_store = other
+    with pytest.raises(UserError, match=r"3 classes vs 2"):
+        train(cfg, tmp_path / "b", progress=False)
+    blocks = build_store(tmp_path / "blocks.zarr", stores["paths"][:2], [0, 1], ViewSet("eval", count=1, temporal=1, spatial=1),
+                         blocks=[2])
+    cfg.data.val_store = blocks
+    with pytest.raises(UserError, match="blocks=\\[2\\]"):
+        train(cfg, tmp_path / "c", progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_attention_none_store_needs_tca_off(stores, tmp_path):
+    s = build_store(tmp_path / "none.zarr", stores["paths"][:4], stores["labels"][:4],
+                    ViewSet("train", count=1, temporal=1, spatial=1), attention="none")
+    cfg = tiny_cfg(stores, steps=2)
+    cfg.data.train_store = s
+    with pytest.raises(UserError, match="temporal_cross_attention=false"):
+        train(cfg, tmp_path / "x", progress=False)
+    cfg.model.temporal_cross_attention = False
+    assert train(cfg, tmp_path / "x", progress=False).steps == 2
+
+
+def open_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_default_recipe_file_restates_the_defaults():
+    root = Path(__file__).parent.parent / "configs"
+    assert load_config(root / "train_default.yaml") == load_config(None)
+    for f in root.glob("train_*.yaml"):
+        load_config(f)  # every shipped recipe parses
+
+
+def test_cli_train_eval_predict(stores, tmp_path):
+    """The three commands end to end in-process, and a bad input as one line with exit code 2."""
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from evl_cache.cli import app
+
+    r = CliRunner()
+    res = r.invoke(app, ["train", "--train-store", stores["train"], "--val-store", stores["val"], "--out", str(tmp_path / "run"),
+                         "--steps", "4", "--batch", "4", "--workers", "0", "--no-progress", "--set", "train.eval_every=2"])
+    assert res.exit_code == 0, res.output
+    assert "trained steps 0..4" in res.output and "validation top-1" in res.output
+    res = r.invoke(app, ["eval", "--checkpoint", str(tmp_path / "run" / "model"), "--store", stores["val"],
+                         "--out", str(tmp_path / "ev"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "4 videos x 2 views: top-1" in res.output and (tmp_path / "ev" / "confusion_matrix.png").is_file()
+    res = r.invoke(app, ["predict", "--checkpoint", str(tmp_path / "run" / "model.json"), stores["paths"][0], "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "probability" in res.output and "left" in res.output and "right" in res.output
+    proc = subprocess.run([sys.executable, "-m", "evl_cache.cli", "train", "--train-store", stores["train"],
+                           "--out", str(tmp_path / "x"), "--set", "model.frames=16"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.frames=16" in lines[0], proc.stderr
+
+
+def test_fast_chunk_reader_equals_zarr(stores, tmp_path):
+    """The single-read path returns exactly what Zarr returns, incl. never-written shards; others fall back."""
+    from evl_cache.data import StoreDataset
+
+    for path in (stores["train"], stores["val"]):
+        ds, st = StoreDataset(path), open_store(path)
+        assert ds.uses_fast_path
+        for video in range(st.num_videos):
+            for view in range(st.num_views):
+                a, b = ds.read(video, view), st.read(video, view)
+                assert a.keys() == b.keys()
+                for k in a:
+                    assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), (path, video, view, k)
+    attrs = dict(open_store(stores["val"]).attrs)
+    for key in ("schema_version", "num_videos", "shard_size", "compressor"):
+        attrs.pop(key)
+    empty = create_store(str(tmp_path / "empty.zarr"), attrs, ["a"] * 6, [0] * 6, shard_size=4)
+    ds = StoreDataset(str(tmp_path / "empty.zarr"))
+    assert ds.uses_fast_path and torch.equal(ds.read(5, 1)["feats"], empty.read(5, 1)["feats"])
+    assert float(ds.read(5, 1)["feats"].abs().sum()) == 0.0
+    create_store(str(tmp_path / "z.zarr"), attrs, ["a"] * 2, [0] * 2, shard_size=4, compressor="zstd")
+    assert not StoreDataset(str(tmp_path / "z.zarr")).uses_fast_path
+    # a damaged shard index is reported, not read as garbage
+    shard = Path(stores["val"]) / "feats" / "1" / "c" / "0" / "0" / "0" / "0" / "0"
+    copy = tmp_path / "bad.zarr"
+    import shutil
+
+    shutil.copytree(stores["val"], copy)
+    f = copy / shard.relative_to(stores["val"])
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(OSError, match="checksum"):
+        StoreDataset(str(copy)).read(0, 0)
