@@ -1,0 +1,164 @@
+"""Evaluation over a cache store: per-view softmax, averaged per video, then top-k and per-class accuracy.
+
+Video score = mean over the video's views of softmax(logits) (EVL_REFERENCE.md, "Evaluation").
+Writes ``metrics.json``, ``predictions.csv`` and ``confusion_matrix.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evl_cache.config import PAIR_KEYS, _comparable
+from evl_cache.errors import UserError
+from evl_cache.store import open_store
+
+
+def video_scores(view_probs: np.ndarray, view_videos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of per-view probabilities per video: (M, C) probs of M views -> (videos (N,), scores (N, C))."""
+    videos, inverse = np.unique(view_videos, return_inverse=True)
+    sums = np.zeros((len(videos), view_probs.shape[1]), dtype=np.float64)
+    np.add.at(sums, inverse, view_probs.astype(np.float64))
+    counts = np.bincount(inverse, minlength=len(videos)).astype(np.float64)
+    return videos, sums / counts[:, None]
+
+
+def compute_metrics(scores: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """Top-1, top-5, per-class and mean class accuracy, and the confusion matrix (rows = true class).
+
+    Videos with label < 0 (unlabelled) are left out of every metric.
+    """
+    num_classes = scores.shape[1]
+    keep = labels >= 0
+    scores, labels = scores[keep], labels[keep].astype(np.int64)
+    k = min(5, num_classes)
+    # stable sort of -score: ties go to the lower class index, the same rule as argmax
+    order = np.argsort(-scores, axis=1, kind="stable")
+    pred = order[:, 0]
+    correct1 = pred == labels
+    correct5 = (order[:, :k] == labels[:, None]).any(axis=1)
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, pred), 1)
+    support = confusion.sum(axis=1)
+    per_class = {}
+    for c, name in enumerate(class_names):
+        per_class[name] = {"support": int(support[c]),
+                           "accuracy": float(confusion[c, c] / support[c]) if support[c] else None}
+    present = [v["accuracy"] for v in per_class.values() if v["accuracy"] is not None]
+    n = int(len(labels))
+    return {
+        "videos": n,
+        "top1": float(correct1.mean()) if n else None,
+        "top5": float(correct5.mean()) if n else None,
+        "topk": k,
+        "mean_class_accuracy": float(np.mean(present)) if present else None,
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+    }
+
+
+@torch.no_grad()
+def collect_view_probs(model: torch.nn.Module, store_path: str, batch_size: int = 64, device: torch.device | str = "cpu",
+                       num_workers: int = 0, amp: str = "off") -> tuple[np.ndarray, np.ndarray]:
+    """Softmax of every (done video, view) of a store: (probs (M, C) float32, video index (M,))."""
+    from evl_cache.data import make_loader, to_device
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    loader = make_loader(store_path, batch_size, train=False, num_workers=num_workers,
+                         pin_memory=device.type == "cuda")
+    probs, videos = [], []
+    try:
+        for batch in loader:
+            vid = batch.pop("video")
+            batch.pop("label")
+            with autocast(device, amp):
+                logits = model(to_device(batch, device))
+            probs.append(logits.float().softmax(-1).cpu().numpy())
+            videos.append(vid.numpy())
+    finally:
+        model.train(was_training)
+    if not probs:
+        return np.zeros((0, model.cfg.num_classes), np.float32), np.zeros((0,), np.int64)
+    return np.concatenate(probs), np.concatenate(videos)
+
+
+def autocast(device: torch.device, amp: str):
+    """Autocast context for ``amp`` in bf16/fp16 on CUDA; a no-op on CPU or with amp off."""
+    if device.type != "cuda" or amp == "off":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def check_store_fits(meta: dict[str, Any], attrs: dict[str, Any], num_classes: int, where: str) -> None:
+    """Refuse a store the checkpoint was not trained for (every schema fact the checkpoint records)."""
+    for key in PAIR_KEYS:
+        if key not in meta:
+            continue
+        mine, theirs = _comparable(key, meta[key]), _comparable(key, attrs.get(key))
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            # an imported checkpoint may record only part of the backbone (e.g. its arch)
+            theirs = {k: theirs.get(k) for k in mine}
+        if mine != theirs:
+            raise UserError(
+                f"store {where} has {key}={attrs.get(key)!r} but the checkpoint was trained with "
+                f"{key}={meta[key]!r}; evaluate on a store extracted the same way"
+            )
+    names = list(attrs.get("class_names") or [])
+    if len(names) != num_classes:
+        raise UserError(f"store {where} has {len(names)} classes but the checkpoint's head has {num_classes}; "
+                        f"use a store with the checkpoint's label set")
+    if meta.get("class_names") is not None and list(meta["class_names"]) != names:
+        raise UserError(f"store {where} names its classes differently from the checkpoint; "
+                        f"use a store extracted with the same label set")
+
+
+def evaluate(checkpoint: str | os.PathLike, store: str, out_dir: str | os.PathLike | None = None,
+             batch_size: int = 64, device: str | None = None, num_workers: int = 0) -> dict[str, Any]:
+    """Evaluate a checkpoint on a store; with ``out_dir``, write metrics.json, predictions.csv and
+    confusion_matrix.png there. Returns the metrics dict."""
+    from evl_cache.backbone import default_device
+    from evl_cache.checkpoints import load_checkpoint
+
+    dev = torch.device(device) if device else default_device()
+    model, meta = load_checkpoint(checkpoint, device=dev)
+    st = open_store(store)
+    check_store_fits(meta, st.attrs, model.cfg.num_classes, store)
+    if len(st.done_indices()) == 0:
+        raise UserError(f"store {store} has no extracted videos; run `evl-cache extract` to completion first")
+    probs, view_videos = collect_view_probs(model, store, batch_size, dev, num_workers)
+    videos, scores = video_scores(probs, view_videos)
+    labels = st.labels()[videos].astype(np.int64)
+    names = st.class_names
+    metrics = compute_metrics(scores, labels, names)
+    metrics.update(checkpoint=str(checkpoint), store=store, views=st.num_views)
+    if out_dir is not None:
+        write_outputs(Path(out_dir), metrics, scores, videos, labels, st.paths(), names)
+    return metrics
+
+
+def write_outputs(out: Path, metrics: dict[str, Any], scores: np.ndarray, videos: np.ndarray, labels: np.ndarray,
+                  paths: list[str], names: list[str]) -> None:
+    from evl_cache.plots import plot_confusion
+
+    out.mkdir(parents=True, exist_ok=True)
+    k = min(5, len(names))
+    with open(out / "predictions.csv.tmp", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "pred", "prob", "top5"])
+        for row, vid in enumerate(videos):
+            order = np.argsort(-scores[row], kind="stable")[:k]
+            label = names[labels[row]] if labels[row] >= 0 else ""
+            w.writerow([paths[vid], label, names[order[0]], f"{scores[row, order[0]]:.6f}",
+                        ";".join(f"{names[c]}:{scores[row, c]:.4f}" for c in order)])
+    os.replace(out / "predictions.csv.tmp", out / "predictions.csv")
+    plot_confusion(np.asarray(metrics["confusion"]), names, out / "confusion_matrix.png")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

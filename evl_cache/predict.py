@@ -1,0 +1,146 @@
+"""Online inference on video files: decode -> eval views -> frozen backbone -> decoder, no cache.
+
+Everything about the input pipeline comes from the checkpoint's meta (written by `train`): the
+backbone (architecture, weights identity, QuickGELU), the cached blocks and attention mode, the
+frame sampling and the evaluation view grid. The same `build_views` and backbone wrapper as
+extraction are used, so a video's logits here equal those of extract-then-decoder (up to the
+store's storage dtype). Video score = mean over views of softmax(logits).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evl_cache.errors import UserError
+
+VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ogv"}
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]] = field(default_factory=list)
+    probs: np.ndarray | None = None  # (classes,) mean of per-view softmax
+    logits: torch.Tensor | None = None  # (views, classes)
+    error: str | None = None
+
+
+class Predictor:
+    """A loaded checkpoint plus the frozen backbone it was trained on, ready to score videos."""
+
+    def __init__(self, checkpoint: str | os.PathLike, weights: str | None = None, device: str | None = None,
+                 force: bool = False, batch_size: int = 8, precision: str = "auto") -> None:
+        from evl_cache.backbone import BackboneSpec, build_backbone, default_device
+        from evl_cache.checkpoints import load_checkpoint
+        from evl_cache.video import Sampling, ViewSet
+
+        self.device = torch.device(device) if device else default_device()
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda requested but CUDA is not available; use --device cpu")
+        self.model, self.meta = load_checkpoint(checkpoint, device=self.device)
+        meta = self.meta
+        for key in ("backbone", "blocks", "sampling", "attention", "class_names"):
+            if key not in meta:
+                raise UserError(f"checkpoint {checkpoint} records no '{key}' (e.g. an imported release without "
+                                f"backbone meta); predict needs a checkpoint written by `evl-cache train`")
+        bb = meta["backbone"]
+        recorded = str(bb.get("weights_id", ""))
+        if recorded.startswith("random:"):
+            source, seed = "random", int(recorded.split(":", 1)[1])
+        else:
+            source, seed = str(bb.get("weights", "")), 0
+        if weights is not None:
+            if not Path(weights).is_file():
+                raise UserError(f"weights file {weights} not found; pass the CLIP weights the checkpoint was trained with")
+            source = weights
+        elif not (source == "random" or source.startswith("openclip:") or Path(source).is_file()):
+            raise UserError(f"the checkpoint's backbone weights {source} are not on this machine; "
+                            f"pass --weights FILE (sha256 {recorded[:12]}...)")
+        spec = BackboneSpec(arch=bb["arch"], weights=source, seed=seed, quick_gelu=bool(bb.get("quick_gelu", True)),
+                            precision=precision)
+        backbone_attention = meta["attention"] if self.model.cfg.temporal_cross_attention else "none"
+        self.backbone = build_backbone(spec, blocks=list(meta["blocks"]), attention=backbone_attention, device=self.device)
+        if self.backbone.weights_id != recorded and not force:
+            raise UserError(f"weights {source} have identity {self.backbone.weights_id[:16]} but the checkpoint was "
+                            f"trained on {recorded[:16]}; pass the matching --weights FILE (or --force to use these anyway)")
+        self.sampling = Sampling(**meta["sampling"])
+        grid = meta.get("eval_views") or {}
+        from evl_cache.video import default_eval_grid
+
+        t, s = (grid["temporal"], grid["spatial"]) if grid else default_eval_grid(self.sampling)
+        self.views = ViewSet("eval", count=t * s, temporal=t, spatial=s)
+        self.size = int(bb["image_size"])
+        self.min_frames = int(meta.get("min_frames", self.sampling.frames))
+        self.class_names = list(meta["class_names"])
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def logits(self, views: torch.Tensor) -> torch.Tensor:
+        """(V, T, 3, S, S) normalised views -> (V, classes) logits (backbone in chunks of batch_size views)."""
+        parts: dict[str, list[torch.Tensor]] = {}
+        for i in range(0, views.shape[0], self.batch_size):
+            for k, v in self.backbone(views[i:i + self.batch_size]).items():
+                parts.setdefault(k, []).append(v)
+        batch = {k: torch.cat(v) for k, v in parts.items()}
+        return self.model(batch).float()
+
+    def __call__(self, path: str, topk: int = 5) -> Prediction:
+        from evl_cache.video import VideoError, build_views
+
+        try:
+            views, _ = build_views(path, self.sampling, self.views, self.size, min_frames=self.min_frames)
+        except VideoError as err:
+            return Prediction(path=path, error=str(err))
+        logits = self.logits(views).cpu()
+        probs = logits.softmax(-1).mean(0).numpy()
+        order = np.argsort(-probs, kind="stable")[:min(topk, len(probs))]
+        return Prediction(path=path, top=[(self.class_names[c], float(probs[c])) for c in order], probs=probs, logits=logits)
+
+
+def list_videos(path: str | os.PathLike) -> list[str]:
+    """A video file, or every video file under a folder (sorted)."""
+    p = Path(path)
+    if p.is_file():
+        return [str(p)]
+    if p.is_dir():
+        found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
+        if not found:
+            raise UserError(f"no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) under {p}")
+        return found
+    raise UserError(f"{p} not found; pass a video file or a folder of videos")
+
+
+def predict(checkpoint: str | os.PathLike, video_path_or_folder: str | os.PathLike, weights_override: str | None = None,
+            device: str | None = None, topk: int = 5, force: bool = False, batch_size: int = 8) -> list[Prediction]:
+    """Top-k classes (mean softmax over the checkpoint's eval views) for a video or every video in a folder.
+
+    A video that cannot be decoded gets a `Prediction` with ``error`` set; the others still run.
+    """
+    videos = list_videos(video_path_or_folder)
+    predictor = Predictor(checkpoint, weights_override, device, force=force, batch_size=batch_size)
+    return [predictor(v, topk) for v in videos]
+
+
+def render(predictions: list[Prediction], console: Any = None) -> None:
+    """Print one rich table per video: rank, class, probability."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    for p in predictions:
+        if p.error:
+            console.print(f"[red]{p.path}: {p.error}[/red]")
+            continue
+        table = Table(title=p.path, title_justify="left")
+        table.add_column("#", justify="right")
+        table.add_column("class")
+        table.add_column("probability", justify="right")
+        for i, (name, prob) in enumerate(p.top, 1):
+            table.add_row(str(i), name, f"{prob:.4f}")
+        console.print(table)
