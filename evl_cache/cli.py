@@ -155,7 +155,193 @@ def inspect(store: Path = typer.Argument(..., help="A cache store written by `ev
 
 # --- stage 2: train / eval / predict / import-evl -------------------------------------------
 
+
+@app.command("import-evl")
+def import_evl(
+    src: Path = typer.Argument(..., help="Released EVL checkpoint (.pth, {'model': DDP state dict}); read with weights_only."),
+    out: Path = typer.Argument(..., help="Output checkpoint stem: writes OUT.safetensors and OUT.json."),
+    heads: int = typer.Option(None, help="Decoder attention heads (not in the weights' shapes; default width // 64)."),
+    classes_file: Path = typer.Option(None, help="Class names, one per line, in label order."),
+    frames: int = typer.Option(None, help="Frames T, only needed when the checkpoint has no temporal position embedding."),
+    grid: str = typer.Option(None, help="Patch grid HxW, only needed for non-square grids or checkpoints without TCA."),
+    arch: str = typer.Option(None, help="Backbone it was trained on (e.g. ViT-B-16), recorded with the last-K block indices."),
+    attention_input: str = typer.Option(None, help="What TCA reads from the cache: maps or qk (default: the store's, else maps)."),
+    store: str = typer.Option(None, help="A cache store extracted with the same CLIP weights: copies its backbone, "
+                                         "blocks, sampling, views and class names so eval/predict can use the import."),
+) -> None:
+    """Convert a released EVL decoder checkpoint into evl-cache's safetensors + JSON format."""
+    from evl_cache.checkpoints import import_evl_checkpoint
+
+    meta: dict = {}
+    if store:
+        from evl_cache.store import open_store
+        from evl_cache.train import checkpoint_meta
+
+        attrs = open_store(store).attrs
+        meta = checkpoint_meta(attrs, attrs, store, 0)
+        meta.pop("trained", None)
+        attention_input = attention_input or attrs["attention"]
+    if classes_file is not None:
+        if not classes_file.is_file():
+            raise UserError(f"classes file {classes_file} not found; pass a text file with one class name per line")
+        meta["class_names"] = [ln.strip() for ln in classes_file.read_text().splitlines() if ln.strip()]
+    grid_hw = None
+    if grid:
+        try:
+            grid_hw = tuple(int(v) for v in grid.lower().split("x"))
+            assert len(grid_hw) == 2
+        except (ValueError, AssertionError):
+            raise UserError(f"bad --grid {grid!r}; give HxW, e.g. 14x14") from None
+    if arch:
+        from evl_cache.flops import vit_dims
+
+        meta.update(backbone_arch=arch, backbone_layers=vit_dims(arch).layers)
+    model, path = import_evl_checkpoint(src, out, num_frames=frames, meta=meta, heads=heads, grid=grid_hw,
+                                        attention_input=attention_input or "maps")
+    c = model.cfg
+    typer.echo(f"imported {src} -> {path} (+ .safetensors): K={c.num_layers} width={c.width} heads={c.heads} "
+               f"frames={c.frames} grid={c.grid[0]}x{c.grid[1]} classes={c.num_classes} "
+               f"tconv={c.temporal_conv} tpos={c.temporal_pos} tca={c.temporal_cross_attention}")
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(..., help="Run directory (metrics.jsonl, checkpoints/, model.*, plots/, train_state.pt)."),
+    config: Path = typer.Option(None, help="Training recipe YAML (see configs/train_default.yaml); defaults = EVL K400 recipe."),
+    train_store: str = typer.Option(None, help="Cache store to train on (overrides data.train_store)."),
+    val_store: str = typer.Option(None, help="Cache store to validate on at train.eval_every steps."),
+    steps: int = typer.Option(None, help="Optimizer steps (train.steps)."),
+    batch: int = typer.Option(None, help="Global batch per optimizer step (train.batch_size)."),
+    lr: float = typer.Option(None, help="Peak learning rate (train.lr)."),
+    workers: int = typer.Option(None, help="DataLoader worker processes (data.num_workers)."),
+    amp: str = typer.Option(None, help="auto (fp16 + grad scaler on GPU), bf16, fp16 or off; always off on CPU."),
+    device: str = typer.Option(None, help="auto, cpu or cuda[:N]."),
+    seed: int = typer.Option(None, help="Seed of initialisation, dropout and sampling (train.seed)."),
+    set_: list[str] = typer.Option(None, "--set", help="Dotted override, repeatable: --set train.warmup_steps=500."),
+    resume: bool = typer.Option(False, help="Continue the run in --out exactly where its last checkpoint left off."),
+    until_step: int = typer.Option(None, help="Stop after this many steps in total (the schedule still spans --steps); resume later."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Train the EVL decoder by streaming a cache store."""
+    from evl_cache.config import load_config
+    from evl_cache.train import train as run_train
+
+    cfg = load_config(config, list(set_ or []))
+    for section, key, value in (("data", "train_store", train_store), ("data", "val_store", val_store),
+                                ("train", "steps", steps), ("train", "batch_size", batch), ("train", "lr", lr),
+                                ("data", "num_workers", workers), ("train", "amp", amp),
+                                ("train", "device", device), ("train", "seed", seed)):
+        if value is not None:  # explicit flags win over the YAML and --set
+            setattr(getattr(cfg, section), key, value)
+    summary = run_train(cfg, out, resume=resume, until_step=until_step, progress=progress)
+    for line in summary.lines():
+        typer.echo(line)
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Path = typer.Option(..., help="Checkpoint written by train (NAME, NAME.json or NAME.safetensors)."),
+    store: str = typer.Option(..., help="Cache store with the evaluation views."),
+    out: Path = typer.Option(None, help="Write metrics.json, predictions.csv and confusion_matrix.png here."),
+    batch: int = typer.Option(64, help="Clip-views per decoder forward."),
+    workers: int = typer.Option(0, help="DataLoader worker processes."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+) -> None:
+    """Evaluate a checkpoint on a cache store: mean softmax over views, top-1/top-5/per-class accuracy."""
+    from evl_cache.evaluate import evaluate
+
+    m = evaluate(checkpoint, store, out, batch_size=batch, device=device, num_workers=workers)
+    mean_class = m["mean_class_accuracy"]
+    typer.echo(f"{m['videos']} videos x {m['views']} views: top-1 {100 * m['top1']:.2f}%  top-{m['topk']} "
+               f"{100 * m['top5']:.2f}%  mean class {100 * mean_class:.2f}%" if m["top1"] is not None
+               else f"{m['videos']} labelled videos: no accuracy to report")
+    if out is not None:
+        typer.echo(f"wrote {out}/metrics.json, predictions.csv, confusion_matrix.png")
+
+
+@app.command()
+def predict(
+    checkpoint: Path = typer.Option(..., help="Checkpoint written by train."),
+    video: Path = typer.Argument(..., help="A video file or a folder of videos."),
+    weights: str = typer.Option(None, help="CLIP weights file, overriding the path recorded in the checkpoint."),
+    force: bool = typer.Option(False, help="Use --weights even if its sha256 differs from the recorded one."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+    topk: int = typer.Option(5, help="Classes to show per video."),
+) -> None:
+    """Classify videos end to end (decode, eval views, frozen backbone, decoder), no cache needed."""
+    from evl_cache.predict import predict as run_predict
+    from evl_cache.predict import render
+
+    preds = run_predict(checkpoint, video, weights_override=weights, device=device, topk=topk, force=force)
+    render(preds)
+    failed = [p for p in preds if p.error]
+    if failed:
+        typer.secho(f"{len(failed)} of {len(preds)} videos could not be read", fg=typer.colors.YELLOW, err=True)
+
 # --- tools: synth / flops ---------------------------------------------------------------------
+
+
+@app.command()
+def synth(
+    out: Path = typer.Argument(..., help="Output folder (videos, train.csv, val.csv, classes.txt, classes.json)."),
+    classes: str = typer.Option("default", help="Comma-separated class names, 'default' (14) or 'all' (16)."),
+    train_per_class: int = typer.Option(60, help="Training videos per class."),
+    val_per_class: int = typer.Option(20, help="Validation videos per class."),
+    seed: int = typer.Option(0, help="Dataset seed: same seed, byte-identical files."),
+    size: int = typer.Option(64, help="Frame side in pixels (even)."),
+    frames: int = typer.Option(16, help="Frames per video."),
+    fps: int = typer.Option(8, help="Frame rate written into the container."),
+    ext: str = typer.Option(".mp4", help=".mp4 (h264), .avi (mpeg4) or .webm (vp9)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists and is not empty."),
+) -> None:
+    """Write the synthetic motion benchmark: real videos + `list` manifests, deterministic from the seed."""
+    from evl_cache.synth import write_synthetic_dataset
+
+    s = write_synthetic_dataset(out, classes, train_per_class, val_per_class, seed, size, frames, fps, ext, force)
+    n_motion = sum(k == "motion" for k in s["kinds"].values())
+    typer.echo(f"synth: {s['train_videos']} train + {s['val_videos']} val videos, {len(s['classes'])} classes "
+               f"({n_motion} motion, {len(s['classes']) - n_motion} appearance), {frames}x{size}x{size} {ext}, "
+               f"{s['bytes'] / 1e6:.2f} MB in {s['seconds']:.1f} s -> {s['out_dir']}/train.csv, val.csv")
+
+
+@app.command()
+def flops(
+    arch: str = typer.Option("ViT-B-16", help="open_clip ViT name or a model-config JSON path."),
+    frames: int = typer.Option(8, help="Frames per view T."),
+    views: int = typer.Option(3, help="Views per video (temporal x spatial)."),
+    decoder_layers: int = typer.Option(4, help="Decoder layers K (reads the last K blocks)."),
+    classes: int = typer.Option(400, help="Classes of the head."),
+    image_size: int = typer.Option(None, help="Input size (default: the architecture's)."),
+    tca: str = typer.Option("reference", help="TCA formula counted: reference (paper) or binned (this implementation)."),
+    table1: bool = typer.Option(False, "--table1", help="Print every Table 1 row of the paper beside our count."),
+) -> None:
+    """Multiply-accumulates (the paper's FLOPs) and parameter counts; needs no data and no weights."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from evl_cache import flops as fl
+
+    console = Console(width=max(Console().width, 100))  # tables stay readable when piped
+    if table1:
+        t = Table(title="EVL Table 1 (K400, 3 views, K=4): paper GFLOPs vs counted GMACs")
+        for col in ("model", "TxV", "top-1", "paper", "ours", "diff", "no TCA", "diff", "paper matches"):
+            t.add_column(col, justify="left" if col in ("model", "paper matches") else "right", no_wrap=True)
+        for r in fl.table1(tca):
+            t.add_row(r["model"], f"{r['frames']}x{r['views']}", f"{r['top1']}", f"{r['paper_gflops']:,}",
+                      f"{r['ours_gflops']:,.1f}", f"{r['diff_pct']:+.2f}%", f"{r['ours_no_tca_gflops']:,.1f}",
+                      f"{r['diff_no_tca_pct']:+.2f}%", r["note"])
+        console.print(t)
+        return
+    r = fl.model_cost(arch, frames, views, decoder_layers, classes, image_size, tca)
+    t = Table(title=f"{arch}@{r.image_size}, {frames} frames x {views} views, K={decoder_layers}, {classes} classes")
+    t.add_column("part")
+    t.add_column("GMACs / view", justify="right")
+    t.add_column(f"GMACs x {views}", justify="right")
+    t.add_column("params", justify="right")
+    t.add_row("backbone (frozen)", f"{r.backbone_gmacs_per_view:,.2f}", f"{r.backbone_gmacs_per_view * views:,.1f}", f"{r.frozen_params / 1e6:.2f} M")
+    t.add_row(f"decoder + head (TCA: {tca})", f"{r.decoder_gmacs_per_view:,.2f}", f"{r.decoder_gmacs_per_view * views:,.1f}", f"{r.trainable_params / 1e6:.2f} M")
+    t.add_row("total", f"{r.backbone_gmacs_per_view + r.decoder_gmacs_per_view:,.2f}", f"{r.total_gmacs:,.1f}", "")
+    console.print(t)
 
 
 def main() -> None:

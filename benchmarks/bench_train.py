@@ -1,0 +1,263 @@
+"""Training from the cache vs the online path, on this machine, in one run.
+
+(a) a decoder training step fed by the store's DataLoader (zarr reads, collation, workers);
+(b) the same step on the same batches already in memory (the cached path's own bound);
+(c) the online path for the same batch: decode + augment the clips, frozen backbone forward,
+    decoder forward/backward.
+Also the DataLoader alone (clip-views/s, MB/s) against plain reads of the store's shard files.
+
+Targets (issue 3): (a) <= 1.1 x (b); report (c)/(a) and the bound from the measured parts,
+(decode + backbone + decoder step) / decoder step.
+
+    .venv/bin/python benchmarks/bench_train.py                     # width-192 ViT, CPU, ~2-3 min
+    .venv/bin/python benchmarks/bench_train.py --arch ViT-B-16 --device cuda --batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from evl_cache.backbone import BackboneSpec, build_backbone  # noqa: E402
+from evl_cache.config import decoder_config_for_store, load_config  # noqa: E402
+from evl_cache.data import make_loader, measure_loader, measure_raw, to_device  # noqa: E402
+from evl_cache.decoder import EVLDecoder, count_parameters  # noqa: E402
+from evl_cache.extract import BackboneRunner, ExtractConfig, decode_video, store_attributes  # noqa: E402
+from evl_cache.store import create_store, open_store, shards_of, tensor_shapes  # noqa: E402
+from evl_cache.video import Sampling, ViewSet, build_views  # noqa: E402
+
+# A width-192 ViT at 224 px (ViT-Ti-like: 12 blocks, 3 heads of 64): B/16's token grid at 1/4 the width.
+VIT_W192 = {
+    "embed_dim": 192,
+    "vision_cfg": {"image_size": 224, "layers": 12, "width": 192, "patch_size": 16, "head_width": 64},
+    "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 64, "heads": 1, "layers": 1},
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def write_videos(folder: Path, n: int, frames: int, h: int, w: int) -> list[str]:
+    import media
+
+    out = []
+    for i in range(n):
+        out.append(str(media.write_video(folder / f"v{i:03d}.mp4", media.moving_square_frames(frames, h, w, seed=i))))
+    return out
+
+
+def build_store(path: Path, paths: list[str], spec: BackboneSpec, sampling: Sampling, views: ViewSet,
+                blocks: list[int], device: str) -> str:
+    """Extract with extract.py's own work units, serially (Ray start-up is not what is measured here)."""
+    cfg = ExtractConfig(backbone=spec, sampling=sampling, views=views, blocks=blocks, attention="maps",
+                        dtype="float16", shard_size=8)
+    runner = BackboneRunner(spec.to_dict(), blocks, "maps", "float16", device=device)
+    attrs = store_attributes(runner.backbone.describe(), runner.backbone.blocks, cfg, ["a", "b"], "bench", {})
+    store = create_store(str(path), attrs, paths, [i % 2 for i in range(len(paths))], shard_size=8)
+    size = attrs["backbone"]["image_size"]
+    for shard, idx in shards_of(range(len(paths)), 8).items():
+        decoded = [decode_video(paths[i], Path(paths[i]).name, sampling, views, size, attrs["min_frames"]) for i in idx]
+        tensors, records = runner.compute(8, tensor_shapes(attrs), views.num_views, *decoded)
+        store.write_shard(shard, tensors)
+        store.mark({i: r for i, r in zip(idx, records)})
+    return str(path)
+
+
+class Stepper:
+    """One AdamW training step of the decoder, as in train.py (fp16 autocast + scaler on CUDA)."""
+
+    def __init__(self, model: EVLDecoder, device: torch.device) -> None:
+        self.model = model.train()
+        self.device = device
+        self.opt = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.05)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+
+    def __call__(self, batch: dict[str, torch.Tensor], label: torch.Tensor) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        ctx = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        with ctx:
+            logits = self.model(batch)
+        loss = F.cross_entropy(logits.float(), label)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return loss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default=None, help="open_clip name or config JSON (default: the width-192 ViT)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--videos", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps for (a) and (b)")
+    ap.add_argument("--online-steps", type=int, default=4)
+    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=4, help="decoder layers K (last K blocks)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    work = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    arch = args.arch
+    if arch is None:
+        arch = str(work / "vit_w192.json")
+        Path(arch).write_text(json.dumps(VIT_W192))
+    spec = BackboneSpec(arch=arch, weights="random", seed=0)
+    sampling = Sampling("dense", frames=args.frames, stride=16 if args.frames <= 16 else 8)
+    views = ViewSet("train", count=1, temporal=1, spatial=1, seed=0)
+    span = sampling.span + 8
+    print(f"# bench_train: {arch if args.arch else 'width-192 ViT-12 @224'}, T={args.frames}, K={args.layers}, "
+          f"batch {args.batch}, device {device}, torch threads {torch.get_num_threads()}", flush=True)
+
+    t0 = time.perf_counter()
+    paths = write_videos(work / "videos", args.videos, span, 240, 320)
+    probe = build_backbone(spec, attention="maps", device="cpu")
+    blocks = list(range(probe.num_layers - args.layers, probe.num_layers))
+    del probe
+    store_path = build_store(work / "train.zarr", paths, spec, sampling, views, blocks, str(device))
+    store = open_store(store_path)
+    print(f"setup: {args.videos} videos ({span} frames 320x240), store {store.raw_bytes_per_view() / 1e6:.2f} MB "
+          f"per clip-view, built in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    torch.manual_seed(0)
+    dcfg = decoder_config_for_store(load_config(None).model, store.attrs, store_path)
+
+    def fresh_stepper() -> Stepper:
+        torch.manual_seed(0)
+        return Stepper(EVLDecoder(dcfg).to(device), device)
+
+    # All paths run interleaved, round by round, so that load from other processes on a shared
+    # machine hits them alike; every number is a median over rounds, as wall time and as this
+    # process's CPU time (robust to time-sharing; DataLoader workers' CPU is not in it).
+    # (b) runs on exactly the batches the loaders yield, materialised beforehand.
+    it = iter(make_loader(store_path, args.batch, train=True, seed=0, num_workers=0))
+    mem = [to_device(next(it), device) for _ in range(args.steps + 1)]
+    del it
+    iters, steppers = {}, {}
+    for nw in args.workers:
+        iters[nw] = iter(make_loader(store_path, args.batch, train=True, seed=0, num_workers=nw, prefetch_factor=2,
+                                     pin_memory=device.type == "cuda"))
+        steppers[nw] = fresh_stepper()
+    steppers["mem"] = fresh_stepper()
+    steppers["online"] = fresh_stepper()
+    backbone = build_backbone(spec, blocks=blocks, attention="maps", device=device)
+    size = store.attrs["backbone"]["image_size"]
+
+    def split(b: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        return {k: v for k, v in b.items() if k not in ("label", "video")}, b["label"].long()
+
+    keys = [f"w{nw}" for nw in args.workers] + ["mem", "online", "decode", "backbone", "decoder_step"]
+    wall: dict[str, list[float]] = {k: [] for k in keys}
+    cpu: dict[str, list[float]] = {k: [] for k in keys}
+
+    def clock() -> tuple[float, float]:
+        sync(device)
+        return time.perf_counter(), time.process_time()
+
+    def record(key: str, start: tuple[float, float], r: int) -> tuple[float, float]:
+        now = clock()
+        if r:  # round 0 is warm-up (worker start-up, allocator, lazy init)
+            wall[key].append(now[0] - start[0])
+            cpu[key].append(now[1] - start[1])
+        return now
+
+    rounds = args.steps + 1
+    for r in range(rounds):
+        for nw in args.workers:
+            t = clock()
+            steppers[nw](*split(to_device(next(iters[nw]), device)))
+            record(f"w{nw}", t, r)
+        t = clock()
+        steppers["mem"](*split(mem[r]))
+        record("mem", t, r)
+        if r <= args.online_steps:
+            idx = [(r * args.batch + j) % len(paths) for j in range(args.batch)]
+            t0 = t = clock()
+            clips = torch.cat([build_views(paths[i], sampling, views, size, key=Path(paths[i]).name)[0] for i in idx])
+            t = record("decode", t, r)
+            feats = backbone(clips.to(device))
+            t = record("backbone", t, r)
+            steppers["online"](feats, torch.tensor([i % 2 for i in idx], device=device))
+            record("decoder_step", t, r)
+            record("online", t0, r)
+        print(f"  round {r}/{rounds - 1} done", flush=True)
+    del iters
+    med = {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in keys}
+
+    # the loader alone (fast single-read path and Zarr's generic path) vs plain reads of the shard files
+    thr = {}
+    for nw in args.workers:
+        thr[f"DataLoader, single-read chunks, {nw} worker(s)"] = measure_loader(store_path, args.batch, 6, num_workers=nw)
+    thr["DataLoader, zarr array reads, 0 workers"] = measure_loader(store_path, args.batch, 6, num_workers=0, fast=False)
+    raw = measure_raw(store_path)
+    thr["plain file reads of the shard files"] = raw
+
+    a_keys = [f"w{nw}" for nw in args.workers]
+    a_best = min(a_keys, key=lambda k: med[k][0])
+    res = {"batch": args.batch, "device": str(device), "threads": torch.get_num_threads(),
+           "median_wall_s": {k: v[0] for k, v in med.items()}, "median_cpu_s": {k: v[1] for k, v in med.items()}}
+    lines = [f"| path (batch {args.batch}, {device}) | wall s / step | CPU s / step | clip-views/s (wall) |", "|---|---|---|---|"]
+    names = {"mem": "(b) cached, batches already in memory", "online": "(c) online: decode + backbone + decoder step",
+             "decode": "  part: decode + augment", "backbone": "  part: frozen backbone forward",
+             "decoder_step": "  part: decoder forward + backward + AdamW"}
+    for nw in args.workers:
+        names[f"w{nw}"] = f"(a) cached, DataLoader, {nw} worker(s)"
+    for k in a_keys + ["mem", "online", "decode", "backbone", "decoder_step"]:
+        w, c = med[k]
+        rate = f"{args.batch / w:.2f}" if k in a_keys + ["mem", "online"] else ""
+        lines.append(f"| {names[k]} | {w:.3f} | {c:.3f} | {rate} |")
+    ratios = []
+    for label, i in (("wall", 0), ("CPU", 1)):
+        a = med[a_best][i] if i == 0 else med["w0"][i] if "w0" in med else med[a_best][i]
+        parts = med["decode"][i] + med["backbone"][i] + med["decoder_step"][i]
+        bound = parts / med["decoder_step"][i]
+        speed = med["online"][i] / a
+        ratios.append((label, a / med["mem"][i], speed, bound))
+        res[f"{label.lower()}_ratios"] = {"a_over_b": a / med["mem"][i], "speedup": speed, "bound": bound}
+    lines += ["", "| ratio | wall | CPU | target |", "|---|---|---|---|"]
+    lines.append(f"| (a) / (b) | {ratios[0][1]:.3f} | {ratios[1][1]:.3f} | <= 1.10 |")
+    lines.append(f"| speedup (c) / (a) | {ratios[0][2]:.2f}x | {ratios[1][2]:.2f}x | |")
+    lines.append(f"| bound (decode + backbone + decoder step) / decoder step | {ratios[0][3]:.2f}x | {ratios[1][3]:.2f}x | |")
+    lines.append(f"| share of the bound reached | {100 * ratios[0][2] / ratios[0][3]:.0f}% | "
+                 f"{100 * ratios[1][2] / ratios[1][3]:.0f}% | >= 90% |")
+    lines += ["", f"(a) in the wall column is the best worker count ({names[a_best].split(', ')[-1]}); "
+              "in the CPU column, 0 workers, so that reading is inside the measured CPU time.", "",
+              "| reader | clip-views/s | MB/s |", "|---|---|---|"]
+    for name, m in thr.items():
+        lines.append(f"| {name} | {m.clip_views_per_s:.1f} | {m.mb_per_s:.0f} |")
+    res["readers"] = {name: {"clip_views_per_s": m.clip_views_per_s, "mb_per_s": m.mb_per_s} for name, m in thr.items()}
+    print("\n".join(lines))
+    print(f"\ndecoder: {count_parameters(EVLDecoder(dcfg)) / 1e6:.2f} M trainable parameters; "
+          f"{store.raw_bytes_per_view() / 1e6:.2f} MB per cached clip-view (fp16, no compression); "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, load average "
+          f"{os.getloadavg()[0]:.1f} at the end")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
