@@ -133,13 +133,15 @@ class CacheStore:
         """Record per-video outcomes: {index: {"status", "error", "num_frames", "fps"}}.
 
         Called by the driver only, after the shard holding these videos is durably written.
+        ``status`` is written last: it is the commit point, so a kill between these writes leaves
+        the videos pending (and their shard redone), never done with stale metadata.
         """
         if not results:
             return
         idx = np.array(sorted(results), dtype=np.int64)
         lo, hi = int(idx.min()), int(idx.max()) + 1
-        for name, key, dtype in (("status", "status", np.uint8), ("error", "error", None),
-                                 ("num_frames", "num_frames", np.int32), ("fps", "fps", np.float32)):
+        for name, key, dtype in (("error", "error", None), ("num_frames", "num_frames", np.int32),
+                                 ("fps", "fps", np.float32), ("status", "status", np.uint8)):
             arr = self.array(f"videos/{name}")
             block = np.asarray(arr[lo:hi])
             block = block.astype(object) if dtype is None else block
