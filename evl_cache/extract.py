@@ -175,12 +175,19 @@ def store_attributes(backbone_desc: dict[str, Any], blocks: list[int], cfg: Extr
     }
 
 
+def _comparable(key: str, value: Any) -> Any:
+    """The weights are identified by their sha256, so a moved weights file still resumes."""
+    if key == "backbone" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "weights"}
+    return value
+
+
 def prepare_store(store_path: str, attrs: dict[str, Any], paths: list[str], labels: list[int], cfg: ExtractConfig) -> CacheStore:
     """Create the store, or reopen it for resuming if it was created by the same configuration."""
     if os.path.exists(store_path):
         store = open_store(store_path, mode="r+")
         for key in RESUME_KEYS:
-            if store.attrs.get(key) != attrs.get(key):
+            if _comparable(key, store.attrs.get(key)) != _comparable(key, attrs.get(key)):
                 raise UserError(
                     f"store {store_path} exists but was created with a different {key} "
                     f"({store.attrs.get(key)!r} vs {attrs.get(key)!r}); pass a new --store path or delete the old store"

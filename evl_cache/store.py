@@ -16,7 +16,6 @@ writes every file atomically (temp file + rename), so a killed writer leaves no 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -33,8 +32,6 @@ PENDING, DONE, FAILED = 0, 1, 2
 STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
 DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": None}
 
-# Attributes that must agree between a store and a model/extraction config.
-COMPATIBILITY_KEYS = ("backbone", "blocks", "frames", "sampling", "attention", "grid", "tokens", "width")
 
 
 def tensor_shapes(attrs: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -205,16 +202,6 @@ def directory_bytes(path: str) -> int:
         for f in files:
             total += os.path.getsize(os.path.join(root, f))
     return total
-
-
-def check_compatible(attrs: dict[str, Any], expected: dict[str, Any], where: str) -> None:
-    """Refuse a store whose schema differs from what the caller needs, naming the first difference."""
-    for key in COMPATIBILITY_KEYS:
-        if key in expected and expected[key] is not None and attrs.get(key) != expected[key]:
-            raise UserError(
-                f"store {where} was built with {key}={json.dumps(attrs.get(key))}, but this run needs "
-                f"{key}={json.dumps(expected[key])}; use a matching store/config or extract a new store"
-            )
 
 
 def create_store(path: str, attrs: dict[str, Any], paths: list[str], labels: list[int], shard_size: int = 16,
