@@ -69,6 +69,7 @@ def extract(
     root: Path = typer.Option(None, help="Dataset root folder (video paths are relative to it)."),
     annotations: Path = typer.Option(None, help="Annotation file: K400 CSV, SSv2 JSON, UCF/HMDB split file, or a path,label CSV."),
     split: str = typer.Option(None, help="Split name (train, val, test, train1, ...)."),
+    classes: Path = typer.Option(None, help="Class names, one per line, fixing the label order (k400/k600/k700/list)."),
     arch: str = typer.Option(None, help="open_clip ViT name (ViT-B-16, ViT-L-14, ViT-L-14-336) or a model-config JSON."),
     weights: str = typer.Option(None, help="CLIP weights: a local file, openclip:<tag>, or 'random' (explicit)."),
     seed: int = typer.Option(None, help="Seed for --weights random."),
@@ -109,8 +110,10 @@ def extract(
         raise UserError("no --dataset given; use one of k400, ssv2, ucf101, hmdb51, list (or a --config with extract.dataset)")
     if pick(weights, "weights") is None:
         raise UserError("no --weights given; pass a local CLIP file, openclip:<tag>, or 'random' to use random weights on purpose")
+    extra = {"classes": str(pick(classes, "classes"))} if pick(classes, "classes") else {}
     manifest = load_manifest(dataset_name, str(pick(root, "root", ".")), pick(split, "split", "train"),
-                             annotations=str(pick(annotations, "annotations")) if pick(annotations, "annotations") else None)
+                             annotations=str(pick(annotations, "annotations")) if pick(annotations, "annotations") else None,
+                             **extra)
     sample = Sampling(pick(sampling, "sampling", "dense"), int(pick(frames, "frames", 8)), int(pick(stride, "stride", 16)))
     view_set = ViewSet.parse(pick(views, "views", "eval"), sample, seed=int(pick(view_seed, "view_seed", 0)))
     spec = BackboneSpec(arch=pick(arch, "arch", "ViT-B-16"), weights=str(pick(weights, "weights")), seed=int(pick(seed, "seed", 0)),
