@@ -51,15 +51,9 @@ def _config_defaults(config: Path | None, section: str) -> dict:
     """Values from a recipe YAML's ``section``: the CLI flags given explicitly override them."""
     if config is None:
         return {}
-    import yaml
+    from evl_cache.config import read_yaml
 
-    if not config.is_file():
-        raise UserError(f"config file {config} not found; pass an existing YAML (see configs/)")
-    try:
-        data = yaml.safe_load(config.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"config file {config} is not valid YAML ({err.__class__.__name__}); fix the file") from err
-    return dict(data.get(section) or {})
+    return dict(read_yaml(config).get(section) or {})
 
 
 @app.command()

@@ -168,21 +168,27 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
     return value
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A recipe YAML as a dict, or one clear line saying why it cannot be used."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} not found; pass an existing YAML (see configs/)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {p} is not valid YAML ({err.__class__.__name__}); fix the file") from err
+    if not isinstance(data, dict):
+        raise UserError(f"config file {p} must hold a mapping of sections (extract/model/train/data)")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a recipe YAML (or the defaults when ``path`` is None) and apply ``a.b=value`` overrides."""
     data: dict[str, Any] = {}
     where = "defaults"
     if path is not None:
-        p = Path(path)
-        where = str(p)
-        if not p.is_file():
-            raise UserError(f"config file {p} not found; pass an existing YAML (see configs/train_default.yaml)")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise UserError(f"config file {p} is not valid YAML ({err.__class__.__name__}); fix the file") from err
-        if not isinstance(data, dict):
-            raise UserError(f"config file {p} must hold a mapping with sections model/train/data")
+        where = str(path)
+        data = read_yaml(path)
     for item in overrides or []:
         apply_override(data, item)
     return RunConfig.from_dict(data, where)
