@@ -23,5 +23,24 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# --- recipes (pipelines/): each writes a markdown report with PNG plots; reruns skip finished stages.
+K400_VARS = K400_ROOT="$(K400_ROOT)" K400_ANN="$(K400_ANN)" CLIP_B16="$(CLIP_B16)" CLIP_L14="$(CLIP_L14)" CLIP_L14_336="$(CLIP_L14_336)"
+SMOKE_FLAG = $(if $(filter 1 yes true,$(SMOKE)),--smoke)
+
+demo: $(STAMP)
+	$(PY) pipelines/demo.py
+
+reproduce-table1: $(STAMP)
+	$(K400_VARS) $(PY) pipelines/reproduce_table1.py $(SMOKE_FLAG)
+
+ablation-table8: $(STAMP)
+	$(K400_VARS) $(PY) pipelines/ablation_table8.py $(if $(K400_ROOT),--k400)
+
+# The step-based command recorded in evl_cache/assets/tiny_vit/PRETRAIN.md (reproduces the committed weights' schedule).
+PRETRAIN_ARGS ?= --seed 0 --steps 4036 --batch 48 --lr 0.002 --attn-weight 0.5 --obj-weight 4.0
+
+pretrain-tiny: $(STAMP)
+	$(PY) pipelines/pretrain_tiny.py --out evl_cache/assets/tiny_vit $(PRETRAIN_ARGS)
+
 clean:
 	rm -rf $(VENV) runs results build *.egg-info

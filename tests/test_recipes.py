@@ -1,0 +1,251 @@
+"""The recipes in pipelines/: configs agree with the paper, bad input fails in one line, stages resume.
+
+Fast tests check the Table 1 configs against EVL_REFERENCE facts, the missing-input failures of
+reproduce-table1 (subprocess, as `make` runs it) and the stage ledger. The end-to-end runs
+(reproduce-table1 --smoke, the Table 8 recipe, the demo) are marked slow (`make test-slow`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPES = ROOT / "pipelines"
+sys.path.insert(0, str(PIPES))
+
+from common import Ledger, extract_plan, load_recipe, run_config  # noqa: E402
+
+from evl_cache.errors import UserError  # noqa: E402
+from evl_cache.flops import TABLE1  # noqa: E402
+
+# (config, arch, frames, stride, eval grid, grad accumulation, paper top-1, paper GFLOPs) from EVL_REFERENCE.md
+TABLE1_ROWS = [
+    ("k400_vitb16_8f", "ViT-B-16", 8, 16, (3, 1), 1, 82.9, 444),
+    ("k400_vitb16_16f", "ViT-B-16", 16, 16, (1, 3), 1, 83.6, 888),
+    ("k400_vitb16_32f", "ViT-B-16", 32, 8, (1, 3), 1, 84.2, 1777),
+    ("k400_vitl14_8f", "ViT-L-14", 8, 16, (3, 1), 1, 86.3, 2022),
+    ("k400_vitl14_16f", "ViT-L-14", 16, 16, (1, 3), 2, 87.0, 4044),
+    ("k400_vitl14_32f", "ViT-L-14", 32, 8, (1, 3), 4, 87.3, 8088),
+    ("k400_vitl14_336_32f", "ViT-L-14-336", 32, 8, (1, 3), 4, 87.7, 18196),
+]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("K400_ROOT", "K400_ANN", "CLIP_B16", "CLIP_L14", "CLIP_L14_336")}
+    env.update(extra)
+    return env
+
+
+def _table1(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(PIPES / "reproduce_table1.py"), *args], capture_output=True, text=True,
+                          env=_env(**env), cwd=ROOT, timeout=120)
+
+
+# ------------------------------------------------------------------------------ configs
+
+
+@pytest.mark.parametrize("name,arch,frames,stride,grid,accum,top1,gflops", TABLE1_ROWS)
+def test_table1_config_matches_reference(name, arch, frames, stride, grid, accum, top1, gflops):
+    from evl_cache.video import Sampling, ViewSet
+
+    r = load_recipe(ROOT / "configs" / f"{name}.yaml")
+    e = r["extract"]
+    assert (e["dataset"], e["arch"], e["sampling"], e["frames"], e["stride"]) == ("k400", arch, "dense", frames, stride)
+    assert e["decoder_layers"] == 4 and r["model"]["num_layers"] == 4 and e["attention"] == "maps"
+    views = ViewSet.parse(e["views"], Sampling("dense", frames, stride))
+    assert (views.temporal, views.spatial) == grid
+    # the configured grid is the reference's default grid for this sampling
+    assert ViewSet.parse("eval", Sampling("dense", frames, stride)) == views
+    t = run_config(r, "train.zarr", "val.zarr").train
+    assert (t.steps, t.batch_size, t.lr, t.weight_decay, t.warmup_steps, t.label_smoothing, t.min_lr) == \
+        (50_000, 256, 4e-4, 0.05, 0, 0.0, 0.0)
+    assert t.grad_accum == accum and t.amp == "auto"
+    assert all(r["model"][m] for m in ("temporal_conv", "temporal_pos", "temporal_cross_attention"))
+    p = r["pipeline"]["paper"]
+    assert (p["frames"], p["views"], p["top1"], p["gflops"]) == (frames, 3, top1, gflops)
+    assert (p["top1"], p["gflops"]) in {(row[4], row[3]) for row in TABLE1}  # same facts as evl_cache.flops
+    plan = extract_plan(r, r["pipeline"]["train_views"], weights="random")
+    cfg = plan.config()
+    assert cfg.views.kind == "train" and cfg.blocks == [-4, -3, -2, -1] and cfg.sampling.stride == stride
+
+
+def test_ssv2_and_demo_configs():
+    s = load_recipe(ROOT / "configs" / "ssv2_vitb16_8f.yaml")
+    assert (s["extract"]["sampling"], s["extract"]["frames"], s["extract"]["decoder_layers"]) == ("segment", 8, 12)
+    assert s["extract"]["attention"] == "maps" and s["model"]["num_layers"] == 12 and s["extract"]["views"] == "eval:1x3"
+    assert run_config(s, "a", "b").train.steps == 30_000 and s["pipeline"]["paper"]["top1"] == 61.0
+    d = load_recipe(ROOT / "configs" / "synthetic_demo.yaml")
+    assert d["extract"]["arch"] == "evl_cache/assets/tiny_vit/config.json"
+    assert d["extract"]["weights"] == "evl_cache/assets/tiny_vit/weights.safetensors"
+    assert run_config(d, "a", "b").train.steps <= 1000  # sized for a CPU demo
+    from evl_cache.synth import parse_classes
+
+    assert len(parse_classes(d["pipeline"]["synth"]["classes"])) >= 4
+
+
+def test_every_config_is_valid_yaml_for_the_cli_extract_section():
+    mine = [r[0] for r in TABLE1_ROWS] + ["ssv2_vitb16_8f", "synthetic_demo"]
+    for path in [ROOT / "configs" / f"{n}.yaml" for n in mine]:
+        doc = yaml.safe_load(path.read_text())
+        assert set(doc) <= {"extract", "model", "train", "data", "pipeline"}, path
+        assert {"dataset", "arch", "frames", "views", "attention"} <= set(doc["extract"]), path
+
+
+@pytest.mark.parametrize("name", [r[0] for r in TABLE1_ROWS] + ["ssv2_vitb16_8f", "synthetic_demo"])
+def test_configs_are_accepted_by_the_train_cli(name):
+    """`evl-cache train --config configs/<row>.yaml` reads the same file as the recipe."""
+    from evl_cache.config import load_config
+
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    r = load_recipe(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.to_dict() == run_config(r, None, None).to_dict()
+
+
+def test_recipe_rejects_unknown_section(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extract: {}\ntrainer: {}\n")
+    with pytest.raises(UserError, match="unknown section"):
+        load_recipe(bad)
+
+
+# ------------------------------------------------------------------------------ missing inputs
+
+
+def test_table1_without_k400_fails_in_one_line():
+    p = _table1()
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "K400_ROOT is not set" in lines[0] and "SMOKE=1" in lines[0]
+    assert not p.stdout.strip()
+
+
+def test_table1_names_the_missing_path_or_weights(tmp_path):
+    p = _table1(K400_ROOT=str(tmp_path / "nope"))
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "K400_ROOT=" in p.stderr
+    p = _table1(K400_ROOT=str(tmp_path))
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "CLIP_B16 is not set" in p.stderr
+    p = _table1("--rows", "k400_vitl14_8f", K400_ROOT=str(tmp_path))
+    assert p.returncode == 2 and "CLIP_L14 is not set" in p.stderr
+    p = _table1("--rows", "k400_vitb16_8f", K400_ROOT=str(tmp_path), CLIP_B16=str(tmp_path / "missing.pt"))
+    assert p.returncode == 2 and "CLIP_B16=" in p.stderr and "not a file" in p.stderr
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"x")
+    p = _table1("--rows", "k400_vitb16_8f", K400_ROOT=str(tmp_path), CLIP_B16=str(weights))
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "K400_ANN" in p.stderr  # no annotations
+
+
+# ------------------------------------------------------------------------------ the ledger
+
+
+def test_ledger_skips_done_stages_and_redoes_changed_ones(tmp_path):
+    calls = []
+    out = tmp_path / "out"
+
+    def fn():
+        calls.append(1)
+        out.mkdir(exist_ok=True)
+        (out / "x").write_text("1")
+        return {"n": len(calls)}
+
+    led = Ledger(tmp_path)
+    first = led.run("s", {"a": 1}, fn, complete=lambda: (out / "x").is_file(), outputs=[out])
+    assert not first.skipped and len(calls) == 1
+    again = Ledger(tmp_path).run("s", {"a": 1}, fn, complete=lambda: (out / "x").is_file(), outputs=[out])
+    assert again.skipped and again.seconds == first.seconds and again.info == {"n": 1} and len(calls) == 1
+    (out / "x").unlink()  # output gone: the stage runs again even with the same key
+    Ledger(tmp_path).run("s", {"a": 1}, fn, complete=lambda: (out / "x").is_file(), outputs=[out])
+    assert len(calls) == 2
+    (out / "stale").write_text("old")  # a changed key removes the old output first
+    Ledger(tmp_path).run("s", {"a": 2}, fn, complete=lambda: (out / "x").is_file(), outputs=[out])
+    assert len(calls) == 3 and not (out / "stale").exists()
+    assert json.loads((tmp_path / "stages.json").read_text())["s"]["key"] == {"a": 2}
+
+
+def test_ledger_counts_interrupted_time_once_resumed(tmp_path):
+    def boom():
+        raise KeyboardInterrupt
+
+    led = Ledger(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        led.run("s", {"a": 1}, boom, complete=lambda: False)
+    entry = json.loads((tmp_path / "stages.json").read_text())["s"]
+    assert entry["done"] is False
+    res = Ledger(tmp_path).run("s", {"a": 1}, lambda: {}, complete=lambda: True)
+    assert not res.skipped and res.seconds >= entry["seconds"]
+
+
+def test_ledger_never_removes_outside_its_work_dir(tmp_path):
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    led = Ledger(tmp_path / "work")
+    led.run("s", {"a": 1}, lambda: {}, complete=lambda: True, outputs=[outside])
+    Ledger(tmp_path / "work").run("s", {"a": 2}, lambda: {}, complete=lambda: True, outputs=[outside])
+    assert outside.is_dir()
+
+
+# ------------------------------------------------------------------------------ end to end (slow)
+
+
+def _run(script: str, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, str(PIPES / script), "--no-progress", *args], capture_output=True, text=True,
+                       env=_env(), cwd=ROOT, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+@pytest.mark.slow
+def test_reproduce_table1_smoke_end_to_end(tmp_path):
+    _run("reproduce_table1.py", "--smoke", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))
+    table = (tmp_path / "out" / "table1.md").read_text()
+    assert "SMOKE RUN" in table and "NOT Kinetics-400" in table
+    data = json.loads((tmp_path / "out" / "table1.json").read_text())
+    assert data["smoke"] and [r["name"] for r in data["rows"]] == [r[0] for r in TABLE1_ROWS]
+    for r in data["rows"]:
+        assert 0 <= r["top1"] <= 1 and r["stages"]["extract_train"]["bytes"] > 0
+        assert abs(r["counted_gflops"] - r["paper"]["gflops"]) / r["paper"]["gflops"] < 0.07
+    assert (tmp_path / "out" / "table1_accuracy_vs_gflops.png").stat().st_size > 10_000
+    again = _run("reproduce_table1.py", "--smoke", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))
+    assert again.stdout.count("[skip]") == 1 + 4 * 7 and "[done]" not in again.stdout
+
+
+@pytest.mark.slow
+def test_ablation_table8_from_one_cache(tmp_path):
+    cfg = load_recipe(ROOT / "configs" / "synthetic_demo.yaml")
+    cfg.pop("_path")
+    cfg["pipeline"]["synth"].update(classes="moving_left,moving_right,static_circle,static_square",
+                                  train_per_class=4, val_per_class=2)
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump(cfg))
+    p = _run("ablation_table8.py", "--config", str(small), "--work", str(tmp_path / "work"),
+             "--out", str(tmp_path / "out"), "--steps", "2")
+    assert p.stdout.count("extract") >= 2
+    md = (tmp_path / "out" / "table8.md").read_text()
+    assert md.count("\n| ") >= 9 and "total with one cache" in md
+    data = json.loads((tmp_path / "out" / "table8.json").read_text())
+    assert len(data["results"]) == 8 and len({tuple(r["combo"]) for r in data["results"]}) == 8
+    assert data["payoff"]["per_run_s"] > data["payoff"]["cached_s"]
+    assert (tmp_path / "out" / "table8.png").is_file()
+    # one cache: the extraction stages ran once, every training read the same stores
+    stages = json.loads((tmp_path / "work" / "stages.json").read_text())
+    assert sum(k.startswith("extract") for k in stages) == 2 and sum(k.startswith("ablation_") and k.endswith("_train") for k in stages) == 8
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    p = _run("demo.py", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), timeout=1800)
+    assert "demo finished: top-1" in p.stdout
+    report = (tmp_path / "out" / "report.md").read_text()
+    for needle in ("top-1", "motion classes", "appearance classes", "Time per stage", "bytes on disk"):
+        assert needle in report
+    numbers = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert numbers["cache_bytes"] > 0 and set(numbers["stage_seconds"]) == {"synth", "extract_train", "extract_eval",
+                                                                           "train", "eval"}
+    for png in ("loss.png", "confusion_matrix.png"):
+        assert (tmp_path / "out" / png).stat().st_size > 5_000
