@@ -23,6 +23,13 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# Stage-1 throughput, TCA memory/time, and cached vs online training; each prints a markdown table.
+bench: $(STAMP)
+	mkdir -p results/bench
+	$(PY) benchmarks/bench_extract.py --json results/bench/extract.json
+	$(PY) benchmarks/bench_tca.py
+	$(PY) benchmarks/bench_train.py
+
 # --- recipes (pipelines/): each writes a markdown report with PNG plots; reruns skip finished stages.
 K400_VARS = K400_ROOT="$(K400_ROOT)" K400_ANN="$(K400_ANN)" CLIP_B16="$(CLIP_B16)" CLIP_L14="$(CLIP_L14)" CLIP_L14_336="$(CLIP_L14_336)"
 SMOKE_FLAG = $(if $(filter 1 yes true,$(SMOKE)),--smoke)

@@ -46,17 +46,10 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """A recipe YAML: ``extract`` (the `evl-cache extract` flags), ``model``/``train``/``data`` (the
     training config, also readable by `evl-cache train --config`) and ``pipeline`` (recipe settings,
     with the published numbers under ``pipeline.paper``)."""
-    import yaml
+    from evl_cache.config import read_yaml
 
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"recipe config {p} not found; pass one of the files in configs/")
-    try:
-        doc = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"recipe config {p} is not valid YAML ({err.__class__.__name__}); fix the file") from err
-    if not isinstance(doc, dict):
-        raise UserError(f"recipe config {p} must be a mapping with sections {', '.join(RECIPE_SECTIONS)}")
+    doc = read_yaml(p)
     unknown = sorted(set(doc) - set(RECIPE_SECTIONS))
     if unknown:
         raise UserError(f"recipe config {p}: unknown section(s) {unknown}; use {', '.join(RECIPE_SECTIONS)}")
