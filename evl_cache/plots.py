@@ -47,15 +47,7 @@ def plot_training(records: list[dict[str, Any]], out_dir: str | Path) -> list[Pa
         ax.plot(steps, [r["loss"] for r in train], alpha=0.35, label="loss at the logged step")
         if all("loss_mean" in r for r in train):
             ax.plot(steps, [r["loss_mean"] for r in train], label="mean over the log window")
-        ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy")
-        ax.set_title("training loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "loss.png")
-        plt.close(fig)
-        written.append(out / "loss.png")
+        written.append(_finish(plt, fig, ax, out / "loss.png", "cross-entropy", "training loss"))
         written.append(_line(out / "lr.png", steps, [r["lr"] for r in train], "learning rate", "lr"))
     if val:
         plt = _plt()
@@ -64,16 +56,21 @@ def plot_training(records: list[dict[str, Any]], out_dir: str | Path) -> list[Pa
         ax.plot(steps, [100 * r["val_top1"] for r in val], marker="o", markersize=3, label="top-1")
         if all("val_top5" in r for r in val):
             ax.plot(steps, [100 * r["val_top5"] for r in val], marker="s", markersize=3, label="top-5")
-        ax.set_xlabel("step")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title("validation accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "val_accuracy.png")
-        plt.close(fig)
-        written.append(out / "val_accuracy.png")
+        written.append(_finish(plt, fig, ax, out / "val_accuracy.png", "accuracy (%)", "validation accuracy"))
     return written
+
+
+def _finish(plt: Any, fig: Any, ax: Any, path: Path, ylabel: str, title: str) -> Path:
+    """Label a per-step curve, save it as PNG and free the figure."""
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def plot_confusion(matrix: np.ndarray, class_names: list[str], path: str | Path) -> Path:
