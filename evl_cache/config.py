@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from evl_cache.errors import UserError
+from evl_cache.store import comparable_attr
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 # Sections of a recipe YAML that belong to other stages (e.g. `extract` for `evl-cache extract`).
@@ -261,7 +262,7 @@ PAIR_KEYS = ("backbone", "blocks", "frames", "tokens", "width", "grid", "attenti
 def check_store_pair(train_attrs: dict[str, Any], other: dict[str, Any], where: str, what: str = "train store") -> None:
     """Refuse an eval/val store that was not extracted like the training store, naming the difference."""
     for key in PAIR_KEYS:
-        a, b = _comparable(key, train_attrs.get(key)), _comparable(key, other.get(key))
+        a, b = comparable_attr(key, train_attrs.get(key)), comparable_attr(key, other.get(key))
         if a != b:
             raise UserError(
                 f"store {where} has {key}={b!r} but the {what} has {key}={a!r}; "
@@ -274,8 +275,3 @@ def check_store_pair(train_attrs: dict[str, Any], other: dict[str, Any], where: 
                         f"extract it with the same label set")
 
 
-def _comparable(key: str, value: Any) -> Any:
-    # The weights *path* may differ between machines; the sha256 identity is what must match.
-    if key == "backbone" and isinstance(value, dict):
-        return {k: v for k, v in value.items() if k != "weights"}
-    return value

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from evl_cache.config import PAIR_KEYS, _comparable
+from evl_cache.config import PAIR_KEYS
 from evl_cache.errors import UserError
-from evl_cache.store import open_store
+from evl_cache.store import comparable_attr, open_store
 
 
 def video_scores(view_probs: np.ndarray, view_videos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +103,7 @@ def check_store_fits(meta: dict[str, Any], attrs: dict[str, Any], num_classes: i
     for key in PAIR_KEYS:
         if key not in meta:
             continue
-        mine, theirs = _comparable(key, meta[key]), _comparable(key, attrs.get(key))
+        mine, theirs = comparable_attr(key, meta[key]), comparable_attr(key, attrs.get(key))
         if isinstance(mine, dict) and isinstance(theirs, dict):
             # an imported checkpoint may record only part of the backbone (e.g. its arch)
             theirs = {k: theirs.get(k) for k in mine}

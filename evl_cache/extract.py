@@ -23,6 +23,7 @@ from evl_cache.store import (
     FAILED,
     PENDING,
     CacheStore,
+    comparable_attr,
     create_store,
     open_store,
     remove_partial_files,
@@ -55,6 +56,42 @@ class ExtractConfig:
     max_inflight_shards: int | None = None
     retry_failed: bool = False
     progress: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> "ExtractConfig":
+        """Build from flat settings, as named by `evl-cache extract`'s flags and a recipe's ``extract``
+        section (arch, weights, frames, stride, views, blocks or decoder_layers, ...); absent keys take
+        the CLI's defaults. ``blocks`` may be a list or a comma-separated string."""
+        g = {k: v for k, v in settings.items() if v is not None}
+        if "weights" not in g:
+            raise UserError("no --weights given; pass a local CLIP file, openclip:<tag>, or 'random' to use random weights on purpose")
+        sampling = Sampling(g.get("sampling", "dense"), int(g.get("frames", 8)), int(g.get("stride", 16)))
+        return cls(
+            backbone=BackboneSpec(arch=g.get("arch", "ViT-B-16"), weights=str(g["weights"]), seed=int(g.get("seed", 0)),
+                                  quick_gelu=bool(g.get("quick_gelu", True)), precision=g.get("precision", "auto")),
+            sampling=sampling,
+            views=ViewSet.parse(g.get("views", "eval"), sampling, seed=int(g.get("view_seed", 0))),
+            blocks=parse_blocks(g.get("blocks"), g.get("decoder_layers")),
+            attention=g.get("attention", "maps"), dtype=g.get("dtype", "float16"),
+            shard_size=int(g.get("shard_size", 16)), batch_size=int(g.get("batch_size", 8)),
+            min_frames=g.get("min_frames"), compressor=g.get("compressor"), ray_address=g.get("ray_address"),
+            num_cpus=g.get("num_cpus"), retry_failed=bool(g.get("retry_failed", False)),
+        )
+
+
+def parse_blocks(blocks: str | list[int] | None, decoder_layers: int | None) -> list[int] | None:
+    """Block indices to cache: explicit (list or "8,9,10,11"), else the last ``decoder_layers``, else
+    None (the backbone's default, the last 4)."""
+    if isinstance(blocks, str) and blocks.strip():
+        try:
+            return [int(b) for b in blocks.split(",") if b.strip()]
+        except ValueError:
+            raise UserError(f"bad --blocks '{blocks}'; give comma-separated block indices, e.g. 8,9,10,11") from None
+    if isinstance(blocks, (list, tuple)):
+        return [int(b) for b in blocks]
+    if decoder_layers:
+        return list(range(-int(decoder_layers), 0))
+    return None
 
 
 @dataclass
@@ -175,19 +212,12 @@ def store_attributes(backbone_desc: dict[str, Any], blocks: list[int], cfg: Extr
     }
 
 
-def _comparable(key: str, value: Any) -> Any:
-    """The weights are identified by their sha256, so a moved weights file still resumes."""
-    if key == "backbone" and isinstance(value, dict):
-        return {k: v for k, v in value.items() if k != "weights"}
-    return value
-
-
 def prepare_store(store_path: str, attrs: dict[str, Any], paths: list[str], labels: list[int], cfg: ExtractConfig) -> CacheStore:
     """Create the store, or reopen it for resuming if it was created by the same configuration."""
     if os.path.exists(store_path):
         store = open_store(store_path, mode="r+")
         for key in RESUME_KEYS:
-            if _comparable(key, store.attrs.get(key)) != _comparable(key, attrs.get(key)):
+            if comparable_attr(key, store.attrs.get(key)) != comparable_attr(key, attrs.get(key)):
                 raise UserError(
                     f"store {store_path} exists but was created with a different {key} "
                     f"({store.attrs.get(key)!r} vs {attrs.get(key)!r}); pass a new --store path or delete the old store"

@@ -196,6 +196,15 @@ class CacheStore:
         return sum(int(np.prod(s)) * itemsize for s in tensor_shapes(self.attrs).values())
 
 
+def comparable_attr(key: str, value: Any) -> Any:
+    """A schema attribute as it must match between stores/checkpoints: the backbone is identified by
+    its weights' sha256 (``weights_id``), not by the path the weights were read from, which may differ
+    between machines."""
+    if key == "backbone" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "weights"}
+    return value
+
+
 def directory_bytes(path: str) -> int:
     total = 0
     for root, _, files in os.walk(path):
