@@ -36,17 +36,6 @@ def version() -> None:
 # --- stage 1: extract / inspect -------------------------------------------------------------
 
 
-def _parse_blocks(blocks: str | None, decoder_layers: int | None) -> list[int] | None:
-    if blocks:
-        try:
-            return [int(b) for b in blocks.split(",") if b.strip()]
-        except ValueError:
-            raise UserError(f"bad --blocks '{blocks}'; give comma-separated block indices, e.g. 8,9,10,11") from None
-    if decoder_layers:
-        return list(range(-decoder_layers, 0))
-    return None
-
-
 def _config_defaults(config: Path | None, section: str) -> dict:
     """Values from a recipe YAML's ``section``: the CLI flags given explicitly override them."""
     if config is None:
@@ -89,37 +78,27 @@ def extract(
     config: Path = typer.Option(None, help="Recipe YAML whose 'extract' section gives defaults for these flags."),
 ) -> None:
     """Run the frozen CLIP backbone once per video and cache its features in a Zarr store."""
-    from evl_cache.backbone import BackboneSpec
     from evl_cache.datasets import load_manifest
     from evl_cache.extract import ExtractConfig, extract as run_extract
-    from evl_cache.video import Sampling, ViewSet
 
-    d = _config_defaults(config, "extract")
-
-    def pick(value, key, default=None):
-        return value if value is not None else d.get(key, default)
-
-    dataset_name = pick(dataset, "dataset")
-    if not dataset_name:
+    flags = {
+        "dataset": dataset, "root": root, "annotations": annotations, "split": split, "classes": classes,
+        "arch": arch, "weights": weights, "seed": seed, "quick_gelu": quick_gelu, "precision": precision,
+        "blocks": blocks, "decoder_layers": decoder_layers, "attention": attention, "sampling": sampling,
+        "frames": frames, "stride": stride, "views": views, "view_seed": view_seed, "dtype": dtype,
+        "shard_size": shard_size, "batch_size": batch_size, "min_frames": min_frames, "compressor": compressor,
+        "ray_address": ray_address, "num_cpus": num_cpus, "retry_failed": retry_failed or None,
+    }
+    settings = {**_config_defaults(config, "extract"), **{k: v for k, v in flags.items() if v is not None}}
+    if not settings.get("dataset"):
         raise UserError("no --dataset given; use one of k400, ssv2, ucf101, hmdb51, list (or a --config with extract.dataset)")
-    if pick(weights, "weights") is None:
+    if settings.get("weights") is None:
         raise UserError("no --weights given; pass a local CLIP file, openclip:<tag>, or 'random' to use random weights on purpose")
-    extra = {"classes": str(pick(classes, "classes"))} if pick(classes, "classes") else {}
-    manifest = load_manifest(dataset_name, str(pick(root, "root", ".")), pick(split, "split", "train"),
-                             annotations=str(pick(annotations, "annotations")) if pick(annotations, "annotations") else None,
-                             **extra)
-    sample = Sampling(pick(sampling, "sampling", "dense"), int(pick(frames, "frames", 8)), int(pick(stride, "stride", 16)))
-    view_set = ViewSet.parse(pick(views, "views", "eval"), sample, seed=int(pick(view_seed, "view_seed", 0)))
-    spec = BackboneSpec(arch=pick(arch, "arch", "ViT-B-16"), weights=str(pick(weights, "weights")), seed=int(pick(seed, "seed", 0)),
-                        quick_gelu=bool(pick(quick_gelu, "quick_gelu", True)), precision=pick(precision, "precision", "auto"))
-    cfg = ExtractConfig(
-        backbone=spec, sampling=sample, views=view_set,
-        blocks=_parse_blocks(pick(blocks, "blocks"), pick(decoder_layers, "decoder_layers")) if not isinstance(d.get("blocks"), list) or blocks else d["blocks"],
-        attention=pick(attention, "attention", "maps"), dtype=pick(dtype, "dtype", "float16"),
-        shard_size=int(pick(shard_size, "shard_size", 16)), batch_size=int(pick(batch_size, "batch_size", 8)),
-        min_frames=pick(min_frames, "min_frames"), compressor=pick(compressor, "compressor"),
-        ray_address=pick(ray_address, "ray_address"), num_cpus=pick(num_cpus, "num_cpus"), retry_failed=retry_failed,
-    )
+    extra = {"classes": str(settings["classes"])} if settings.get("classes") else {}
+    manifest = load_manifest(settings["dataset"], str(settings.get("root", ".")), settings.get("split", "train"),
+                             annotations=str(settings["annotations"]) if settings.get("annotations") else None, **extra)
+    cfg = ExtractConfig.from_settings(settings)
+    spec = cfg.backbone
     if spec.weights == "random":
         typer.secho("warning: --weights random: features come from a randomly initialised ViT, not CLIP", fg=typer.colors.YELLOW, err=True)
     summary = run_extract(manifest, str(store), cfg)

@@ -98,20 +98,9 @@ class ExtractPlan:
     num_cpus: int | None = None
 
     def config(self):
-        from evl_cache.backbone import BackboneSpec
         from evl_cache.extract import ExtractConfig
-        from evl_cache.video import Sampling, ViewSet
 
-        sampling = Sampling(self.sampling, int(self.frames), int(self.stride))
-        blocks = self.blocks if self.blocks is not None else (
-            list(range(-self.decoder_layers, 0)) if self.decoder_layers else None)
-        return ExtractConfig(
-            backbone=BackboneSpec(arch=self.arch, weights=self.weights, seed=self.seed, quick_gelu=self.quick_gelu,
-                                  precision=self.precision),
-            sampling=sampling, views=ViewSet.parse(self.views, sampling, seed=self.view_seed), blocks=blocks,
-            attention=self.attention, dtype=self.dtype, shard_size=self.shard_size, batch_size=self.batch_size,
-            min_frames=self.min_frames, compressor=self.compressor, num_cpus=self.num_cpus,
-        )
+        return ExtractConfig.from_settings(self.__dict__)
 
     def key(self) -> dict[str, Any]:
         return dict(self.__dict__)
