@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -287,3 +287,16 @@ def build_backbone(spec: BackboneSpec, blocks: list[int] | None = None, attentio
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """A user's --device (auto/None, cpu, cuda[:N]) as a torch device, refusing CUDA where there is none."""
+    if name in (None, "", "auto"):
+        return default_device()
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name} requested but CUDA is not available; use --device cpu")
+    return dev

@@ -125,10 +125,10 @@ def evaluate(checkpoint: str | os.PathLike, store: str, out_dir: str | os.PathLi
              batch_size: int = 64, device: str | None = None, num_workers: int = 0) -> dict[str, Any]:
     """Evaluate a checkpoint on a store; with ``out_dir``, write metrics.json, predictions.csv and
     confusion_matrix.png there. Returns the metrics dict."""
-    from evl_cache.backbone import default_device
+    from evl_cache.backbone import resolve_device
     from evl_cache.checkpoints import load_checkpoint
 
-    dev = torch.device(device) if device else default_device()
+    dev = resolve_device(device)
     model, meta = load_checkpoint(checkpoint, device=dev)
     st = open_store(store)
     check_store_fits(meta, st.attrs, model.cfg.num_classes, store)

@@ -36,13 +36,11 @@ class Predictor:
 
     def __init__(self, checkpoint: str | os.PathLike, weights: str | None = None, device: str | None = None,
                  force: bool = False, batch_size: int = 8, precision: str = "auto") -> None:
-        from evl_cache.backbone import BackboneSpec, build_backbone, default_device
+        from evl_cache.backbone import BackboneSpec, build_backbone, resolve_device
         from evl_cache.checkpoints import load_checkpoint
         from evl_cache.video import Sampling, ViewSet
 
-        self.device = torch.device(device) if device else default_device()
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda requested but CUDA is not available; use --device cpu")
+        self.device = resolve_device(device)
         self.model, self.meta = load_checkpoint(checkpoint, device=self.device)
         meta = self.meta
         for key in ("backbone", "blocks", "sampling", "attention", "class_names"):

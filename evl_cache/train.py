@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from evl_cache.backbone import resolve_device
 from evl_cache.config import RunConfig, check_store_pair, decoder_config_for_store, save_config
 from evl_cache.errors import UserError
 from evl_cache.store import open_store
@@ -71,18 +72,6 @@ def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}'; use auto, cpu or cuda[:N]") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name} requested but CUDA is not available; use --device cpu")
-    return dev
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
