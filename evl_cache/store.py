@@ -225,7 +225,9 @@ def create_store(path: str, attrs: dict[str, Any], paths: list[str], labels: lis
     n, v = len(paths), int(attrs["num_views"])
     attrs.update(schema_version=SCHEMA_VERSION, num_videos=n, shard_size=int(shard_size), compressor=compressor)
     group = zarr.open_group(path, mode="w-", zarr_format=3)
-    vchunk = max(1, min(n, 65536))
+    # The driver rewrites the per-video table after every shard, so its chunks are a whole number of
+    # shards (~4096 videos): a mark touches a few KB, and reading the table stays a handful of files.
+    vchunk = max(1, min(n, int(shard_size) * max(1, 4096 // int(shard_size))))
     group.create_array("videos/path", shape=(n,), dtype=str, chunks=(vchunk,))[:] = np.array(paths, dtype=object)
     group.create_array("videos/label", data=np.asarray(labels, dtype=np.int32), chunks=(vchunk,))
     group.create_array("videos/status", shape=(n,), dtype=np.uint8, chunks=(vchunk,), fill_value=PENDING)
