@@ -25,7 +25,7 @@ SHAPES = [("B/16@224", (14, 14), 768), ("L/14@224", (16, 16), 1024), ("L/14@336"
 
 def make(grid, width, frames, device, batch=1):
     torch.manual_seed(0)
-    tca = TemporalCrossAttention(grid, width).to(device)
+    tca = TemporalCrossAttention(grid, width, method="binned").to(device)
     with torch.no_grad():
         tca.w_prev.normal_(std=0.02)
         tca.w_next.normal_(std=0.02)

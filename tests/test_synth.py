@@ -282,3 +282,35 @@ def test_pretrain_manual_block_forward_matches_open_clip():
     # attention targets are distributions over the object's own patches
     rows = b["attn_rows"] > 0
     assert torch.allclose(b["attn"][rows].sum(-1), torch.ones(int(rows.sum())))
+
+
+def test_rescale_residual_stream_scales_block_outputs_and_keeps_attention():
+    import torch
+
+    pt = _pretrain_module()
+    torch.manual_seed(0)
+    cfg = pt.model_config(32, 8, 64, 3, 32, 32)
+    visual = pt.build_visual(cfg).eval()
+    images = pt.make_batch(np.random.default_rng(1), 6, 32, 8, 0.75)["image"]
+    maps0, outs0 = pt._maps_and_outputs(visual, images, heads=2)
+    pooled0 = visual(images)
+    record = pt.normalise_stream(visual, images, heads=2, target_rms=0.5)
+    maps1, outs1 = pt._maps_and_outputs(visual, images, heads=2)
+    f = record["factor"]
+    assert abs(pt.last_block_rms(visual, images) - 0.5) < 1e-3 and record["rms_after"] == pytest.approx(0.5, abs=1e-3)
+    for a, b in zip(outs0, outs1):
+        assert torch.allclose(b, a * f, rtol=1e-3, atol=1e-4 * float(a.abs().max()) * f)
+    for a, b in zip(maps0, maps1):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert torch.allclose(visual(images), pooled0, atol=1e-4)
+    assert record["max_attention_change"] < 1e-4
+
+
+@pytest.mark.skipif(not (TINY / "weights.safetensors").exists(), reason="tiny_vit not generated yet")
+def test_tiny_vit_block_outputs_have_unit_scale():
+    """The committed tower's residual stream is normalised (PRETRAIN.md): RMS ~1 per element in the
+    last block, so the decoder's zero-initialised temporal modules can matter within a short run."""
+    pt = _pretrain_module()
+    _, visual = pt.load(TINY)
+    images = pt.make_batch(np.random.default_rng(7), 64, 64, 8, 0.75)["image"]
+    assert 0.8 < pt.last_block_rms(visual, images) < 1.25

@@ -38,7 +38,7 @@ def test_efficient_equals_direct(grid, dtype):
     torch.manual_seed(0)
     B, T, C = 2, 4, 8
     P = grid[0] * grid[1]
-    tca = TemporalCrossAttention(grid, C).to(dtype)
+    tca = TemporalCrossAttention(grid, C, method="binned").to(dtype)
     with torch.no_grad():
         tca.w_prev.normal_()
         tca.w_next.normal_()
@@ -55,7 +55,7 @@ def test_efficient_equals_spec_loops_and_boundaries():
     torch.manual_seed(1)
     h, w, C, T = 2, 3, 4, 3
     P = h * w
-    tca = TemporalCrossAttention((h, w), C).double()
+    tca = TemporalCrossAttention((h, w), C, method="binned").double()
     with torch.no_grad():
         tca.w_prev.normal_()
         tca.w_next.normal_()
@@ -76,7 +76,7 @@ def test_efficient_equals_spec_loops_and_boundaries():
 
 def test_zero_init_and_gradients_match_direct():
     grid, C = (3, 2), 6
-    tca = TemporalCrossAttention(grid, C).double()
+    tca = TemporalCrossAttention(grid, C, method="binned").double()
     maps = _rand_maps(2, 3, 6)
     assert tca(maps).abs().max() == 0  # zero contribution at init
     torch.manual_seed(2)
@@ -111,7 +111,7 @@ def test_attention_maps_match_per_head_loop():
 
 
 def test_fp16_maps_are_upcast():
-    tca = TemporalCrossAttention((2, 2), 4)
+    tca = TemporalCrossAttention((2, 2), 4, method="binned")
     with torch.no_grad():
         tca.w_prev.normal_()
     maps = _rand_maps(1, 2, 4, torch.float32)
@@ -127,7 +127,7 @@ def test_chunked_forward_and_backward_equal_direct(monkeypatch, chunk_bytes):
     monkeypatch.setattr(tca_mod, "CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(4)
     grid, C, B, T = (2, 3), 5, 3, 4
-    tca = TemporalCrossAttention(grid, C).double()
+    tca = TemporalCrossAttention(grid, C, method="binned").double()
     with torch.no_grad():
         tca.w_prev.normal_()
         tca.w_next.normal_()
@@ -153,3 +153,24 @@ def test_gradcheck():
     maps = _rand_maps(2, 3, 4).requires_grad_()
     fn = lambda m, a, b: _BinnedTCA.apply(m, a, b, tca.rel_index)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (maps, tca.w_prev, tca.w_next))
+
+
+@pytest.mark.parametrize("method", ["auto", "direct"])
+def test_direct_path_for_small_grids_equals_binned(method):
+    """`auto` picks the gathered (P, P, C) form when the table is small (the demo's 8x8 grid)."""
+    torch.manual_seed(6)
+    grid, C = (3, 3), 5
+    fast, binned = TemporalCrossAttention(grid, C, method=method).double(), TemporalCrossAttention(grid, C, method="binned").double()
+    with torch.no_grad():
+        fast.w_prev.normal_()
+        fast.w_next.normal_()
+    binned.load_state_dict(fast.state_dict())
+    maps = _rand_maps(2, 4, 9)
+    g = torch.randn(2, 4, 10, C, dtype=torch.float64)
+    (fast(maps) * g).sum().backward()
+    (binned(maps) * g).sum().backward()
+    torch.testing.assert_close(fast(maps), binned(maps), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(fast.w_prev.grad, binned.w_prev.grad)
+    torch.testing.assert_close(fast.w_next.grad, binned.w_next.grad)
+    with pytest.raises(ValueError):
+        TemporalCrossAttention(grid, C, method="fast")
