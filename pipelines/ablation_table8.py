@@ -53,7 +53,8 @@ def prepare(args: argparse.Namespace, threads: int) -> dict[str, Any]:
         recipe = load_recipe(args.config)
         c = prepare_cache(recipe, args.work, threads, steps_total=3)
         return {"recipe": recipe, "ledger": c.ledger, "train_store": c.train_store, "val_store": c.val_store,
-                "kinds": c.kinds, "backbone": c.note, "dataset": "synthetic motion benchmark", "work": args.work}
+                "kinds": c.kinds, "backbone": c.note, "dataset": "synthetic motion benchmark", "work": args.work,
+                "arch": c.arch, "data_dir": c.data_dir}
     from reproduce_table1 import check_inputs, prepare_row
     from evl_cache.ray_runtime import ray_session
 
@@ -66,6 +67,38 @@ def prepare(args: argparse.Namespace, threads: int) -> dict[str, Any]:
             "work": p["dir"]}
 
 
+def train_combos(c: dict[str, Any], todo: list[tuple[int, int, int]], args: argparse.Namespace, label: str) -> list[dict[str, Any]]:
+    """Train and evaluate each switch setting from the cache pair in ``c`` (finished ones are skipped)."""
+    results = []
+    for i, combo in enumerate(todo, 1):
+        name = combo_name(combo)
+        tag = "ablation_" + "".join(map(str, combo))
+        model = dict(zip(MODULES, map(bool, combo)))
+        train = {"steps": args.steps} if args.steps else {}
+        cfg = run_config(c["recipe"], str(c["train_store"]), str(c["val_store"]), model=model, train=train)
+        run_dir = Path(c["work"]) / "ablation" / tag
+        say(f"[{label} {i}/{len(todo)}] {name}: {cfg.train.steps} steps -> {rel(run_dir)}")
+        tr = train_stage(c["ledger"], f"{tag}_train", cfg, run_dir, progress=not args.no_progress)
+        ev = eval_stage(c["ledger"], f"{tag}_eval", run_dir / "model", c["val_store"], run_dir / "eval")
+        m = read_metrics(run_dir / "eval")
+        results.append({"combo": combo, "name": name, "top1": m["top1"], "top5": m["top5"],
+                        **split_accuracy(m, c["kinds"]), "train_s": tr.seconds, "eval_s": ev.seconds})
+    return results
+
+
+def random_baseline_cache(c: dict[str, Any], args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    """Caches of the same videos through the same architecture with open_clip's random init (seed 0):
+    what the temporal modules get from a backbone that was never pretrained."""
+    from demo import prepare_cache
+
+    arch = c["recipe"]["extract"]["arch"] if c.get("arch") is None else c["arch"]
+    note = f"random-init {Path(arch).parent.name or arch} (open_clip init, seed 0)"
+    r = prepare_cache(c["recipe"], Path(c["work"]) / "random_init", threads, steps_total=3,
+                      backbone=(arch, "random", note), data_dir=c["data_dir"])
+    return {**c, "ledger": r.ledger, "train_store": r.train_store, "val_store": r.val_store, "backbone": note,
+            "work": Path(c["work"]) / "random_init"}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="EVL Table 8 ablation: 8 temporal-module combinations from one cache")
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "synthetic_demo.yaml")
@@ -75,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k400", action="store_true", help="Kinetics-400 with the B/16 8-frame Table 1 recipe")
     for var in ("K400_ROOT", "K400_ANN", "CLIP_B16"):
         ap.add_argument(f"--{var.lower().replace('_', '-')}", dest=var.lower(), default=None, help=f"overrides ${var}")
+    ap.add_argument("--no-random-baseline", dest="random_baseline", action="store_false",
+                    help="synthetic only: skip the same runs on a random-init backbone (none, each module alone, all)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -86,34 +121,27 @@ def main(argv: list[str] | None = None) -> int:
     c = prepare(args, threads)
     ledger: Ledger = c["ledger"]
     extract_s = sum(ledger.results[n].seconds for n in ("extract_train", "extract_eval"))
-    results = []
-    for i, combo in enumerate(combos(), 1):
-        name = combo_name(combo)
-        tag = "ablation_" + "".join(map(str, combo))
-        model = dict(zip(MODULES, map(bool, combo)))
-        train = {"steps": args.steps} if args.steps else {}
-        cfg = run_config(c["recipe"], str(c["train_store"]), str(c["val_store"]), model=model, train=train)
-        run_dir = Path(c["work"]) / "ablation" / tag
-        say(f"[ablation {i}/8] {name}: {cfg.train.steps} steps -> {rel(run_dir)}")
-        tr = train_stage(ledger, f"{tag}_train", cfg, run_dir, progress=not args.no_progress)
-        ev = eval_stage(ledger, f"{tag}_eval", run_dir / "model", c["val_store"], run_dir / "eval")
-        m = read_metrics(run_dir / "eval")
-        results.append({"combo": combo, "name": name, "top1": m["top1"], "top5": m["top5"],
-                        **split_accuracy(m, c["kinds"]), "train_s": tr.seconds, "eval_s": ev.seconds})
+    results = train_combos(c, combos(), args, "ablation")
+    random_results = []
+    if args.random_baseline and not args.k400:
+        r = random_baseline_cache(c, args, threads)
+        random_results = train_combos(r, [k for k in combos() if k in PAPER], args, "random-init")
     wall = time.perf_counter() - began
     args.out.mkdir(parents=True, exist_ok=True)
-    payoff = write_table(args.out, results, c, extract_s, wall, args)
-    plot(args.out, results, payoff, c)
+    payoff = write_table(args.out, results, c, extract_s, wall, args, random_results)
+    plot(args.out, results, payoff, c, random_results)
     say(f"\nTable 8 ablation: {args.out / 'table8.md'}")
-    for r in results:
-        say(f"  {r['name']:<16} top-1 {pct(r['top1']):>5}  motion {pct(r['motion']):>5}  appearance {pct(r['appearance']):>5}")
+    for label, rows in (("", results), ("random-init ", random_results)):
+        for r in rows:
+            say(f"  {label + r['name']:<28} top-1 {pct(r['top1']):>5}  motion {pct(r['motion']):>5}  "
+                f"appearance {pct(r['appearance']):>5}")
     say(f"  one cache: {fmt_s(payoff['cached_s'])} vs extracting per combination: {fmt_s(payoff['per_run_s'])} "
         f"({payoff['speedup']:.2f}x)")
     return 0
 
 
 def write_table(out: Path, results: list[dict[str, Any]], c: dict[str, Any], extract_s: float, wall: float,
-                args: argparse.Namespace) -> dict[str, float]:
+                args: argparse.Namespace, random_results: list[dict[str, Any]] | None = None) -> dict[str, float]:
     train_total = sum(r["train_s"] + r["eval_s"] for r in results)
     payoff = {"extract_once_s": extract_s, "train_eval_total_s": train_total, "cached_s": extract_s + train_total,
               "per_run_s": len(results) * extract_s + train_total}
@@ -123,15 +151,39 @@ def write_table(out: Path, results: list[dict[str, Any]], c: dict[str, Any], ext
     if synthetic:
         header += ["motion classes", "appearance classes"]
     header += ["paper K400", "paper SSv2", "train + eval time"]
-    rows = []
-    for r in results:
-        mark = ["x" if b else "" for b in r["combo"]]
-        row = mark + [pct(r["top1"]), pct(r["top5"])]
-        if synthetic:
-            row += [pct(r["motion"]), pct(r["appearance"])]
-        paper = PAPER.get(tuple(r["combo"]))
-        row += [paper[0] if paper else "-", paper[1] if paper else "-", fmt_s(r["train_s"] + r["eval_s"])]
-        rows.append(row)
+    def table_rows(rs: list[dict[str, Any]]) -> list[list[Any]]:
+        rows = []
+        for r in rs:
+            mark = ["x" if b else "" for b in r["combo"]]
+            row = mark + [pct(r["top1"]), pct(r["top5"])]
+            if synthetic:
+                row += [pct(r["motion"]), pct(r["appearance"])]
+            paper = PAPER.get(tuple(r["combo"]))
+            row += [paper[0] if paper else "-", paper[1] if paper else "-", fmt_s(r["train_s"] + r["eval_s"])]
+            rows.append(row)
+        return rows
+
+    def motion_gains(rs: list[dict[str, Any]]) -> str:
+        """One line: motion-class accuracy of each module alone and of all three, minus none's."""
+        by = {tuple(r["combo"]): r for r in rs}
+        if not synthetic or (0, 0, 0) not in by:
+            return ""
+        base = by[(0, 0, 0)]["motion"]
+        parts = [f"{by[k]['name']} {100 * (by[k]['motion'] - base):+.1f}" for k in ((1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 1))
+                 if k in by]
+        return "Motion classes, points over no temporal module: " + ", ".join(parts) + ".\n"
+
+    rows = table_rows(results)
+    random_md = []
+    if random_results:
+        random_md = [
+            "## The same runs on a random-init backbone\n",
+            "Same architecture, same videos and recipe, weights from open_clip's init (torch seed 0) instead of "
+            "image pretraining. Its attention is near-uniform (evl_cache/assets/tiny_vit/PRETRAIN.md), so temporal "
+            "cross attention has little to read.\n",
+            md_table(header, table_rows(random_results)),
+            motion_gains(random_results),
+        ]
     steps = run_config(c["recipe"], "a", "b", train={"steps": args.steps} if args.steps else {}).train
     md = [
         "# EVL Table 8: temporal modules, 8 combinations trained from one cache\n",
@@ -141,6 +193,8 @@ def write_table(out: Path, results: list[dict[str, Any]], c: dict[str, Any], ext
         "(combinations it does not report: -)." + (" Synthetic-benchmark accuracy is not comparable in value to "
                                                      "the paper's; compare the pattern (motion classes are the SSv2-like part)." if synthetic else "") + "\n",
         md_table(header, rows),
+        motion_gains(results),
+        *random_md,
         "## The cache payoff\n",
         md_table(["", "time"], [
             ["extract once (train + eval caches)", fmt_s(extract_s)],
@@ -159,11 +213,13 @@ def write_table(out: Path, results: list[dict[str, Any]], c: dict[str, Any], ext
         "![Table 8 ablation](table8.png)\n",
     ]
     write_text_atomic(out / "table8.md", "\n".join(md))
-    write_text_atomic(out / "table8.json", json.dumps({"results": results, "payoff": payoff}, indent=2) + "\n")
+    write_text_atomic(out / "table8.json", json.dumps({"results": results, "random_init": random_results or [],
+                                                       "payoff": payoff}, indent=2) + "\n")
     return payoff
 
 
-def plot(out: Path, results: list[dict[str, Any]], payoff: dict[str, float], c: dict[str, Any]) -> Path:
+def plot(out: Path, results: list[dict[str, Any]], payoff: dict[str, float], c: dict[str, Any],
+         random_results: list[dict[str, Any]] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,6 +235,11 @@ def plot(out: Path, results: list[dict[str, Any]], payoff: dict[str, float], c: 
     for j, (label, key) in enumerate(series):
         vals = [100 * (r[key] or 0) for r in results]
         ax.bar(x + (j - (len(series) - 1) / 2) * width, vals, width, label=label)
+    if random_results:
+        pos = {r["name"]: i for i, r in enumerate(results)}
+        rx = [pos[r["name"]] for r in random_results if r["name"] in pos]
+        ax.scatter(rx, [100 * r["top1"] for r in random_results if r["name"] in pos], marker="x", color="black",
+                   zorder=3, label="random-init backbone, top-1")
     ax.set_xticks(x, names, rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)

@@ -53,19 +53,27 @@ class Cache:
     arch: str
 
 
-def prepare_cache(recipe: dict[str, Any], work: Path, threads: int, steps_total: int = 5) -> Cache:
-    """Stages 1-3: synthetic videos, then train and eval caches (skipped when already done)."""
+def prepare_cache(recipe: dict[str, Any], work: Path, threads: int, steps_total: int = 5,
+                  backbone: tuple[str, str, str] | None = None, data_dir: Path | None = None) -> Cache:
+    """Stages 1-3: synthetic videos, then train and eval caches (skipped when already done).
+
+    ``backbone`` (arch, weights, note) overrides the choice from the environment; ``data_dir`` reuses a
+    dataset another work folder already generated (e.g. the random-init baseline of the Table 8 recipe).
+    """
     from evl_cache.datasets import load_manifest
     from evl_cache.ray_runtime import ray_session
 
     work.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(work)
-    arch, weights, note = backbone_choice(recipe, work)
+    arch, weights, note = backbone or backbone_choice(recipe, work)
     r = recipe["pipeline"]
-    data_dir = work / "synth"
     train_store, val_store = work / "cache" / "train.zarr", work / "cache" / "val.zarr"
-    say(f"[1/{steps_total}] synthetic dataset -> {rel(data_dir)}")
-    synth_stage(ledger, "synth", data_dir, dict(r["synth"]))
+    if data_dir is None:
+        data_dir = work / "synth"
+        say(f"[1/{steps_total}] synthetic dataset -> {rel(data_dir)}")
+        synth_stage(ledger, "synth", data_dir, dict(r["synth"]))
+    else:
+        say(f"[1/{steps_total}] synthetic dataset: reusing {rel(data_dir)}")
     train_plan = extract_plan(recipe, r.get("train_views", "train:2"), arch=arch, weights=weights, num_cpus=threads)
     eval_plan = extract_plan(recipe, recipe["extract"].get("views", "eval"), arch=arch, weights=weights, num_cpus=threads)
     manifests = {s: load_manifest("list", str(data_dir), s) for s in ("train", "val")}

@@ -235,6 +235,11 @@ def test_ablation_table8_from_one_cache(tmp_path):
     # one cache: the extraction stages ran once, every training read the same stores
     stages = json.loads((tmp_path / "work" / "stages.json").read_text())
     assert sum(k.startswith("extract") for k in stages) == 2 and sum(k.startswith("ablation_") and k.endswith("_train") for k in stages) == 8
+    # the random-init baseline: its own cache pair of the same videos, the paper's 5 combinations
+    assert {tuple(r["combo"]) for r in data["random_init"]} == {(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 1)}
+    rstages = json.loads((tmp_path / "work" / "random_init" / "stages.json").read_text())
+    assert "synth" not in rstages and sum(k.startswith("extract") for k in rstages) == 2
+    assert "random-init backbone" in md and "points over no temporal module" in md
 
 
 @pytest.mark.slow
