@@ -35,7 +35,7 @@ K400_VARS = K400_ROOT="$(K400_ROOT)" K400_ANN="$(K400_ANN)" CLIP_B16="$(CLIP_B16
 SMOKE_FLAG = $(if $(filter 1 yes true,$(SMOKE)),--smoke)
 
 demo: $(STAMP)
-	$(PY) pipelines/demo.py
+	$(PY) pipelines/demo.py $(DEMO_ARGS)
 
 reproduce-table1: $(STAMP)
 	$(K400_VARS) $(PY) pipelines/reproduce_table1.py $(SMOKE_FLAG)

@@ -10,7 +10,8 @@ Counting convention (fvcore-style, reproduces the paper's per-view numbers to <0
 - TCA is counted in the reference implementation's formulation ("reference"): per neighbour
   direction and frame pair, the head-split q.k^T over patches (P*P*C) plus the einsum of the (P, P)
   map with the gathered (P, P, C) weight (P*P*C). Our implementation ("binned") does the same maths
-  as a (P, R) x (R, C) matmul, R = (2h-1)(2w-1) ~ 4P: ~4x the weight MACs, but no (P, P, C) tensor.
+  as a (P, R) x (R, C) matmul, R = (2h-1)(2w-1) ~ 4P: ~4x the weight MACs, but no (P, P, C) tensor;
+  on small grids (tca.gathers_directly, e.g. the demo's 8x8) it gathers as the reference does.
 With that convention: B/16 8f = 140.51 G backbone + 10.79 G decoder, L/14 32f = 2592.4 G + 102.5 G
 per view, as measured on the reference model.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from evl_cache.decoder import DecoderConfig
 from evl_cache.errors import UserError
+from evl_cache.tca import gathers_directly
 
 TCA_FORMULAS = ("reference", "binned")
 
@@ -115,7 +117,9 @@ def decoder_macs(cfg: DecoderConfig, tca_formula: str = "reference", tca_qk: boo
         "mlp": 2 * C * hidden,
     }
     if cfg.temporal_cross_attention:
-        weight = P * P * C if tca_formula == "reference" else P * R * C
+        # "binned" counts what TemporalCrossAttention executes: binning, or the gather on small grids
+        direct = tca_formula == "reference" or gathers_directly(cfg.grid, C)
+        weight = P * P * C if direct else P * R * C
         qk = P * P * C if tca_qk else 0
         parts["tca"] = 2 * (T - 1) * (weight + qk)
     parts = {k: v * K for k, v in parts.items()}

@@ -71,8 +71,7 @@ class TemporalCrossAttention(nn.Module):
         self.register_buffer("rel_index", relative_index(h, w), persistent=False)
 
     def forward(self, maps: Tensor) -> Tensor:
-        P, C = self.rel_index.shape[0], self.w_prev.shape[1]
-        small = P * P * C * self.w_prev.element_size() <= DIRECT_TABLE_BYTES
+        small = gathers_directly(self.grid, self.w_prev.shape[1], self.w_prev.element_size())
         if self.method == "direct" or (self.method == "auto" and small):
             return _direct(maps, self.w_prev, self.w_next, self.rel_index)
         return _BinnedTCA.apply(maps, self.w_prev, self.w_next, self.rel_index)
@@ -82,6 +81,12 @@ class TemporalCrossAttention(nn.Module):
 # multiply-adds per frame instead of binning's P*(2h-1)(2w-1)*C (3.5x more): 1.3x faster per layer
 # on CPU (benchmarks/bench_tca.py). Large grids (14x14 x 768: 118 MB) keep the binned form.
 DIRECT_TABLE_BYTES = 8 << 20
+
+
+def gathers_directly(grid: tuple[int, int], width: int, element_size: int = 4) -> bool:
+    """Whether `method="auto"` gathers W[rel] as (P, P, C) for this grid and width (else it bins)."""
+    P = grid[0] * grid[1]
+    return P * P * width * element_size <= DIRECT_TABLE_BYTES
 
 
 CHUNK_BYTES = 64 << 20  # bound on one chunk of binned maps (forward and backward)

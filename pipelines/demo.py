@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,8 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "demo", help="report.md and plots")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    ap.add_argument("--min-top1", type=float, default=None,
+                    help="exit 1 if top-1 ends below this fraction (CI: the demo must still learn, not just run)")
     args = ap.parse_args(argv)
-    run_demo(args.config, args.work, args.out, args.threads, progress=not args.no_progress)
+    numbers = run_demo(args.config, args.work, args.out, args.threads, progress=not args.no_progress)
+    if args.min_top1 is not None and numbers["top1"] < args.min_top1:
+        print(f"error: demo top-1 {pct(numbers['top1'])}% is below --min-top1 {pct(args.min_top1)}%; "
+              f"see {rel(args.out / 'report.md')}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
