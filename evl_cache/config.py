@@ -245,14 +245,9 @@ def decoder_config_for_store(model: ModelConfig, attrs: dict[str, Any], where: s
             f"store {where} has attention 'none' but temporal cross attention is on; "
             f"set model.temporal_cross_attention=false or extract with --attention maps"
         )
-    return DecoderConfig(
-        num_layers=implied["num_layers"], width=implied["width"], heads=implied["heads"],
-        frames=implied["frames"], grid=tuple(implied["grid"]), num_classes=implied["num_classes"],
-        mlp_ratio=model.mlp_ratio, mlp_dropout=model.mlp_dropout, head_dropout=model.head_dropout,
-        temporal_conv=model.temporal_conv, temporal_pos=model.temporal_pos,
-        temporal_cross_attention=model.temporal_cross_attention,
-        attention_input=implied["attention_input"],
-    )
+    # shape from the store, every other option (dropouts, module switches, ...) from the model section
+    options = {f.name: getattr(model, f.name) for f in fields(model) if f.name not in implied}
+    return DecoderConfig(**implied, **options)
 
 
 # Attributes a validation/eval store must share with the training store (views may differ).

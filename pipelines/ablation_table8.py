@@ -91,7 +91,7 @@ def random_baseline_cache(c: dict[str, Any], args: argparse.Namespace, threads: 
     what the temporal modules get from a backbone that was never pretrained."""
     from demo import prepare_cache
 
-    arch = c["recipe"]["extract"]["arch"] if c.get("arch") is None else c["arch"]
+    arch = c["arch"]
     note = f"random-init {Path(arch).parent.name or arch} (open_clip init, seed 0)"
     r = prepare_cache(c["recipe"], Path(c["work"]) / "random_init", threads, steps_total=3,
                       backbone=(arch, "random", note), data_dir=c["data_dir"])

@@ -324,13 +324,17 @@ def video_attention_stats(visual: nn.Module, heads: int, size: int, patch: int, 
 # --- residual-stream scale --------------------------------------------------------------------
 
 
+def _patch_rms(block_out: torch.Tensor) -> float:
+    return float(block_out[:, 1:].pow(2).mean().sqrt())
+
+
 @torch.no_grad()
 def last_block_rms(visual: nn.Module, images: torch.Tensor) -> float:
     """RMS per element of the last block's patch-token outputs: the scale EVL's decoder reads."""
     x = visual._embeds(images)
     for blk in visual.transformer.resblocks:
         x = blk(x)
-    return float(x[:, 1:].pow(2).mean().sqrt())
+    return _patch_rms(x)
 
 
 @torch.no_grad()
@@ -370,14 +374,16 @@ def _maps_and_outputs(visual: nn.Module, images: torch.Tensor, heads: int) -> tu
 def normalise_stream(visual: nn.Module, images: torch.Tensor, heads: int, target_rms: float = 1.0) -> dict:
     """Rescale so the last block's patch tokens have per-element RMS ``target_rms``; returns the record,
     with how far the rescaled tower strays from an exact rescale (LayerNorm's eps is not rescaled)."""
-    before = last_block_rms(visual, images)
-    factor = target_rms / before
+    if target_rms <= 0:
+        raise ValueError(f"target_rms must be positive, got {target_rms}")
     maps0, outs0 = _maps_and_outputs(visual, images, heads)
+    before = _patch_rms(outs0[-1])
+    factor = target_rms / before
     rescale_residual_stream(visual, factor)
     maps1, outs1 = _maps_and_outputs(visual, images, heads)
     map_diff = max(float((a - b).abs().max()) for a, b in zip(maps0, maps1))
     out_err = max(float((b - a * factor).abs().max() / (a * factor).abs().max()) for a, b in zip(outs0, outs1))
-    return {"rms_before": round(before, 4), "factor": factor, "rms_after": round(last_block_rms(visual, images), 4),
+    return {"rms_before": round(before, 4), "factor": factor, "rms_after": round(_patch_rms(outs1[-1]), 4),
             "target_rms": target_rms, "frames": int(images.shape[0]),
             "max_attention_change": round(map_diff, 5), "max_output_rel_error": round(out_err, 5)}
 
@@ -526,6 +532,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rescale-only", action="store_true",
                     help="rescale the saved tower's residual stream to --stream-rms, save it, re-measure and rewrite PRETRAIN.md")
     args = ap.parse_args(argv)
+    if args.rescale_only and args.stream_rms <= 0:
+        ap.error("--rescale-only needs a positive --stream-rms")
     command = ".venv/bin/python pipelines/pretrain_tiny.py " + " ".join(argv if argv is not None else sys.argv[1:])
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -545,14 +553,14 @@ def main(argv: list[str] | None = None) -> None:
         cfg, visual = load(args.out)
         model.visual = visual
         state_path = args.out / "pretrain_state.json"
+        saved: dict = {}
         if state_path.exists():
             saved = json.loads(state_path.read_text())
             info, history = saved["info"], saved["history"]
         if args.rescale_only:
             info["stream"] = normalise_stream(model.visual, val["image"], model.heads, args.stream_rms)
             save(model.visual, cfg, args.out)
-            saved["info"] = info
-            state_path.write_text(json.dumps(saved) + "\n")
+            state_path.write_text(json.dumps({**saved, "info": info, "history": history}) + "\n")
             print(f"residual stream rescaled: {info['stream']}", flush=True)
     else:
         stages: list = []
