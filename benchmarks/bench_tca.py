@@ -20,7 +20,8 @@ import torch
 
 from evl_cache.tca import TemporalCrossAttention, tca_direct
 
-SHAPES = [("B/16@224", (14, 14), 768), ("L/14@224", (16, 16), 1024), ("L/14@336", (24, 24), 1024)]
+SHAPES = [("tiny@64", (8, 8), 128),  # the demo's tiny ViT: TemporalCrossAttention gathers directly here
+          ("B/16@224", (14, 14), 768), ("L/14@224", (16, 16), 1024), ("L/14@336", (24, 24), 1024)]
 
 
 def make(grid, width, frames, device, batch=1):

@@ -78,8 +78,9 @@ class TemporalCrossAttention(nn.Module):
 
 
 # Small grids (the 8x8 demo backbone: a 2 MB table) gather W[rel] as (P, P, C) and do P*P*C
-# multiply-adds per frame instead of binning's P*(2h-1)(2w-1)*C (3.5x more): 1.3x faster per layer
-# on CPU (benchmarks/bench_tca.py). Large grids (14x14 x 768: 118 MB) keep the binned form.
+# multiply-adds per frame instead of binning's P*(2h-1)(2w-1)*C (3.5x more): 1.4x faster per layer
+# on CPU (`benchmarks/bench_tca.py --shapes tiny@64 --batch 32 --threads 2`). Large grids
+# (14x14 x 768: 118 MB) keep the binned form.
 DIRECT_TABLE_BYTES = 8 << 20
 
 
