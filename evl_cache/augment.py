@@ -191,6 +191,28 @@ def normalise(frames: torch.Tensor) -> torch.Tensor:
     return (frames.to(torch.float32) / 255.0 - mean) / std
 
 
+def train_view_crop(frames: torch.Tensor, generator: torch.Generator,
+                    randaugment: ClipRandAugment | None = ClipRandAugment(),
+                    scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """The uint8 part of a training view: RandAugment at source resolution, then the RandomResizedCrop box.
+
+    Cropping commutes exactly with the per-pixel normalisation that follows, so the box can be cut
+    from uint8 frames: decode workers ship these bytes (4x fewer than float32 of the same pixels,
+    usually far fewer than the resized view) and `finish_train_view` does the float work.
+    """
+    if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[1] != 3:
+        raise ValueError(f"expected uint8 frames (T, 3, H, W), got {tuple(frames.shape)} {frames.dtype}")
+    if randaugment is not None:
+        frames = randaugment(frames, generator)
+    top, left, h, w = sample_resized_crop(frames.shape[-2], frames.shape[-1], generator, scale, ratio)
+    return frames[:, :, top:top + h, left:left + w]
+
+
+def finish_train_view(crop: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 crop (T, 3, h, w) -> float32 (T, 3, size, size): normalise, then bilinear resize."""
+    return TF.interpolate(normalise(crop), size=(size, size), mode="bilinear", align_corners=False).contiguous()
+
+
 def train_view(frames: torch.Tensor, generator: torch.Generator, size: int,
                randaugment: ClipRandAugment | None = ClipRandAugment(),
                scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
@@ -199,11 +221,4 @@ def train_view(frames: torch.Tensor, generator: torch.Generator, size: int,
     Order as in the reference: RandAugment at source resolution, normalise, RandomResizedCrop.
     `randaugment=None` gives crop-only views (ablations).
     """
-    if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[1] != 3:
-        raise ValueError(f"expected uint8 frames (T, 3, H, W), got {tuple(frames.shape)} {frames.dtype}")
-    if randaugment is not None:
-        frames = randaugment(frames, generator)
-    x = normalise(frames)
-    top, left, h, w = sample_resized_crop(x.shape[-2], x.shape[-1], generator, scale, ratio)
-    x = x[:, :, top:top + h, left:left + w]
-    return TF.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).contiguous()
+    return finish_train_view(train_view_crop(frames, generator, randaugment, scale, ratio), size)

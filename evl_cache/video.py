@@ -246,32 +246,68 @@ def spatial_crops(frames: torch.Tensor, size: int, count: int) -> list[torch.Ten
     return [frames[..., top_c:top_c + size, o:o + size] for o in offsets]
 
 
-def eval_views(reader: Any, sampling: Sampling, views: ViewSet, size: int) -> torch.Tensor:
-    """The evaluation grid as float (V, T, 3, size, size), temporal-major."""
-    out = []
-    for clip in eval_indices(len(reader), sampling, views.temporal):
-        frames = torch.from_numpy(decode_frames(reader, clip)).permute(0, 3, 1, 2)
-        frames = resize_short_side(normalise(frames), size)
-        out.extend(spatial_crops(frames, size, views.spatial))
+@dataclass
+class PackedViews:
+    """A video's views in the form that is cheapest to ship to a backbone worker, still exact.
+
+    Either ``clips``: uint8 pixels that every view is cut from (eval: one (T, H, W, 3) clip per
+    temporal position at source resolution; train: one RandAugmented RandomResizedCrop box per view),
+    finished into float views by `finish_views` on the worker; or ``ready``: the float32 views
+    themselves, chosen when they are smaller (sources far larger than the input size). Both give
+    bit-identical views, because `finish_views` runs the same float operations in the same order as
+    building the views in one place would.
+    """
+
+    kind: str
+    size: int
+    spatial: int = 1
+    clips: list[np.ndarray] | None = None
+    ready: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        if self.ready is not None:
+            return int(self.ready.nbytes)
+        return sum(int(c.nbytes) for c in self.clips or [])
+
+
+def finish_views(packed: PackedViews) -> torch.Tensor:
+    """Float32 (V, T, 3, size, size) CLIP-normalised views from `PackedViews` (runs on the worker)."""
+    if packed.ready is not None:
+        return torch.from_numpy(packed.ready)
+    out: list[torch.Tensor] = []
+    if packed.kind == "eval":
+        for clip in packed.clips or []:  # decord's (T, H, W, 3), permuted exactly as a one-step build would
+            frames = resize_short_side(normalise(torch.from_numpy(clip).permute(0, 3, 1, 2)), packed.size)
+            out.extend(spatial_crops(frames, packed.size, packed.spatial))
+    else:
+        from evl_cache.augment import finish_train_view
+
+        out = [finish_train_view(torch.from_numpy(clip), packed.size) for clip in packed.clips or []]
     return torch.stack(out).contiguous()
 
 
-def train_views(reader: Any, sampling: Sampling, views: ViewSet, size: int, key: str) -> torch.Tensor:
-    """``views.count`` augmented views as float (V, T, 3, size, size), deterministic per (seed, key, view)."""
-    from evl_cache.augment import train_view
+def _eval_clips(reader: Any, sampling: Sampling, views: ViewSet) -> list[np.ndarray]:
+    """uint8 (T, H, W, 3) source frames of each temporal clip of the evaluation grid."""
+    return [decode_frames(reader, clip) for clip in eval_indices(len(reader), sampling, views.temporal)]
+
+
+def _train_crops(reader: Any, sampling: Sampling, views: ViewSet, key: str) -> list[np.ndarray]:
+    """uint8 RandAugmented crop boxes (T, 3, h, w), one per view, deterministic per (seed, key, view)."""
+    from evl_cache.augment import train_view_crop
 
     out = []
     for v in range(views.count):
         gen = view_generator(views.seed, key, v)
         clip = train_indices(len(reader), sampling, gen)
         frames = torch.from_numpy(decode_frames(reader, clip)).permute(0, 3, 1, 2).contiguous()
-        out.append(train_view(frames, gen, size))
-    return torch.stack(out).contiguous()
+        out.append(np.ascontiguousarray(train_view_crop(frames, gen).numpy()))
+    return out
 
 
-def build_views(path: str, sampling: Sampling, views: ViewSet, size: int, key: str | None = None,
-                min_frames: int = 1) -> tuple[torch.Tensor, dict[str, float]]:
-    """Decode ``path`` and build its views: float (V, T, 3, size, size) plus decode metadata.
+def decode_views(path: str, sampling: Sampling, views: ViewSet, size: int, key: str | None = None,
+                 min_frames: int = 1) -> tuple[PackedViews, dict[str, float]]:
+    """Decode ``path`` into `PackedViews` (uint8 unless float32 views are smaller) plus decode metadata.
 
     ``key`` names the video for the train-view seed (defaults to the path). A video with fewer than
     ``min_frames`` frames is refused rather than padded into a clip of one repeated frame.
@@ -282,7 +318,22 @@ def build_views(path: str, sampling: Sampling, views: ViewSet, size: int, key: s
         raise VideoError(f"too short: {len(reader)} frame(s), needs at least {min_frames}")
     meta = {"num_frames": float(len(reader)), "fps": float(reader.get_avg_fps() or 0.0)}
     if views.kind == "eval":
-        tensor = eval_views(reader, sampling, views, size)
+        packed = PackedViews("eval", size, views.spatial, clips=_eval_clips(reader, sampling, views))
     else:
-        tensor = train_views(reader, sampling, views, size, key or path)
-    return tensor, meta
+        packed = PackedViews("train", size, clips=_train_crops(reader, sampling, views, key or path))
+    float_bytes = views.num_views * sampling.frames * 3 * size * size * 4
+    if packed.nbytes > float_bytes:
+        packed = PackedViews(packed.kind, size, packed.spatial, ready=finish_views(packed).numpy())
+    return packed, meta
+
+
+def build_views(path: str, sampling: Sampling, views: ViewSet, size: int, key: str | None = None,
+                min_frames: int = 1) -> tuple[torch.Tensor, dict[str, float]]:
+    """Decode ``path`` and build its views: float (V, T, 3, size, size) plus decode metadata.
+
+    The same two steps extraction runs on two machines (`decode_views` in a decode worker,
+    `finish_views` on the backbone worker), so the cached and online paths see identical inputs.
+    Raises `VideoError`.
+    """
+    packed, meta = decode_views(path, sampling, views, size, key=key, min_frames=min_frames)
+    return finish_views(packed), meta
