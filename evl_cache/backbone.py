@@ -86,13 +86,15 @@ def load_model_config(arch: str) -> dict[str, Any]:
     return cfg
 
 
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def _resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if precision not in table:
+    if precision not in PRECISIONS:
         raise UserError(f"unknown precision '{precision}'; use auto, fp32, fp16 or bf16")
-    return table[precision]
+    return PRECISIONS[precision]
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -229,6 +231,7 @@ class FrozenCLIPBackbone(nn.Module):
             "heads": self.heads,
             "layers": self.num_layers,
             "grid": list(self.grid),
+            "precision": {v: k for k, v in PRECISIONS.items()}[self.dtype],
         }
 
     def _qk(self, block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

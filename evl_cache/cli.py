@@ -67,7 +67,9 @@ def extract(
     views: str = typer.Option(None, help="train:V (V augmented views), eval (the recipe grid) or eval:TxS."),
     view_seed: int = typer.Option(None, help="Seed of the training-view augmentation."),
     dtype: str = typer.Option(None, help="Storage dtype: float16 or float32."),
-    shard_size: int = typer.Option(None, help="Videos per shard file."),
+    shard_size: int = typer.Option(None, help="Videos per shard file (default: chosen by --shard-mib)."),
+    shard_mib: float = typer.Option(None, help="Target size of one shard file in MiB (default 1024)."),
+    decode_timeout: float = typer.Option(None, help="Seconds before a hanging decode is recorded as failed (default 120)."),
     batch_size: int = typer.Option(None, help="Clip-views per backbone forward."),
     min_frames: int = typer.Option(None, help="Videos with fewer frames are recorded as failed (default: T)."),
     compressor: str = typer.Option(None, help="none (default), zstd or blosc."),
@@ -86,7 +88,7 @@ def extract(
         "arch": arch, "weights": weights, "seed": seed, "quick_gelu": quick_gelu, "precision": precision,
         "blocks": blocks, "decoder_layers": decoder_layers, "attention": attention, "sampling": sampling,
         "frames": frames, "stride": stride, "views": views, "view_seed": view_seed, "dtype": dtype,
-        "shard_size": shard_size, "batch_size": batch_size, "min_frames": min_frames, "compressor": compressor,
+        "shard_size": shard_size, "shard_mib": shard_mib, "decode_timeout": decode_timeout, "batch_size": batch_size, "min_frames": min_frames, "compressor": compressor,
         "ray_address": ray_address, "num_cpus": num_cpus, "retry_failed": retry_failed or None,
     }
     settings = {**_config_defaults(config, "extract"), **{k: v for k, v in flags.items() if v is not None}}
@@ -110,24 +112,43 @@ def extract(
 
 @app.command()
 def inspect(store: Path = typer.Argument(..., help="A cache store written by `evl-cache extract`.")) -> None:
-    """Print a store's attributes, array shapes, bytes on disk, done/failed counts and failures."""
+    """Print a store's attributes, array shapes, bytes and files on disk, done/failed counts and failures."""
     import json
 
-    from evl_cache.store import open_store
+    from evl_cache.store import TABLE_ARRAYS, open_store
 
     st = open_store(str(store))
     attrs = dict(st.attrs)
     typer.echo(json.dumps(attrs, indent=2, sort_keys=True))
     typer.echo("arrays:")
-    for name in ["videos/path", "videos/label", "videos/status", "videos/error", *st.tensor_names()]:
+    for name in [*TABLE_ARRAYS, *st.tensor_names()]:
         arr = st.array(name)
-        typer.echo(f"  {name:<16} shape={tuple(arr.shape)} dtype={arr.dtype} chunks={tuple(arr.chunks)}")
+        shards = f" shards={tuple(arr.shards)}" if arr.shards else ""
+        typer.echo(f"  {name:<12} shape={tuple(arr.shape)} dtype={arr.dtype} chunks={tuple(arr.chunks)}{shards}")
     info = st.info()
     raw = st.raw_bytes_per_view() * info.done * st.num_views
     typer.echo(f"videos: {info.num_videos} total, {info.done} done, {info.failed} failed, {info.pending} pending")
-    typer.echo(f"bytes on disk: {info.bytes_on_disk:,} ({info.bytes_on_disk / 2**20:.1f} MiB); raw tensor bytes of done videos: {raw:,}")
+    typer.echo(f"bytes on disk: {info.bytes_on_disk:,} ({info.bytes_on_disk / 2**20:.1f} MiB) in {info.files} files and "
+               f"directories; raw tensor bytes of done videos: {raw:,}")
     for idx, path, err in info.failures:
         typer.echo(f"  failed #{idx} {path}: {err}")
+
+
+@app.command()
+def verify(
+    store: Path = typer.Argument(..., help="A cache store written by `evl-cache extract`."),
+    repair: bool = typer.Option(False, "--repair", help="Mark bad videos pending, so rerunning extract redoes just them."),
+    quick: bool = typer.Option(False, "--quick", help="Check shard indexes and chunk lengths only, not the data checksums."),
+) -> None:
+    """Check that every done (video, view) chunk is present, full length and matches its crc32c."""
+    from evl_cache.verify import verify_store
+
+    report = verify_store(str(store), repair=repair, quick=quick)
+    for line in report.lines():
+        typer.echo(line)
+    if report.bad and not repair:
+        raise typer.Exit(1)
+
 
 # --- stage 2: train / eval / predict / import-evl -------------------------------------------
 
@@ -325,7 +346,10 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except UserError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        message = str(err).strip()
+        if "Original Traceback" in message:  # raised in a DataLoader worker: keep the original line
+            message = message.splitlines()[-1].split(": ", 1)[-1]
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
         sys.exit(2)
     except typer.Abort:
         sys.exit(130)

@@ -18,117 +18,27 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from evl_cache.store import CacheStore, open_store, tensor_shapes
-
-
-class ShardChunkReader:
-    """Reads one (video, view) chunk of an uncompressed sharded Zarr v3 array with a single file read.
-
-    Zarr's generic path costs about 1.5 ms per chunk here (async round trip, shard-index parse,
-    copies), which caps one DataLoader worker near 500 MB/s. For the layout `create_store` writes
-    without a compressor (sharding codec, inner ``bytes`` little-endian, index = ``bytes`` +
-    ``crc32c`` at the end of the shard file, ``/``-separated chunk keys) the chunk is a plain
-    C-order byte range, located through the shard's index (read once per shard file and checked
-    against its crc32c). `for_array` returns None for any other layout; callers then use Zarr.
-    """
-
-    EMPTY = 2**64 - 1
-
-    def __init__(self, root: str, meta: dict[str, Any]) -> None:
-        self.root = root
-        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
-        self.shard_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
-        sharding = meta["codecs"][0]["configuration"]
-        self.chunk_shape = tuple(sharding["chunk_shape"])
-        self.per_shard = tuple(s // c for s, c in zip(self.shard_shape, self.chunk_shape))
-        self.index_bytes = 16 * int(np.prod(self.per_shard)) + 4
-        self.fill = meta.get("fill_value", 0)
-        self._index: dict[str, tuple[int, np.ndarray]] = {}
-
-    @classmethod
-    def for_array(cls, root: str) -> "ShardChunkReader | None":
-        import json
-
-        try:
-            with open(os.path.join(root, "zarr.json")) as fh:
-                meta = json.load(fh)
-            codecs = meta["codecs"]
-            cfg = codecs[0]["configuration"]
-            ok = (
-                len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed"
-                and [c["name"] for c in cfg["codecs"]] == ["bytes"]
-                and cfg["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
-                and [c["name"] for c in cfg["index_codecs"]] == ["bytes", "crc32c"]
-                and cfg["index_codecs"][0].get("configuration", {}).get("endian", "little") == "little"
-                and cfg.get("index_location", "end") == "end"
-                and meta["chunk_key_encoding"]["name"] == "default"
-                and meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") == "/"
-                and meta["chunk_grid"]["name"] == "regular"
-                and meta["data_type"] in ("float16", "float32")
-                and all(c == 1 for c in cfg["chunk_shape"][:2])
-                and list(cfg["chunk_shape"][2:]) == list(meta["shape"][2:])
-            )
-        except (OSError, KeyError, IndexError, TypeError, ValueError):
-            return None
-        return cls(root, meta) if ok else None
-
-    def _shard_index(self, path: str) -> np.ndarray | None:
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return None
-        cached = self._index.get(path)
-        if cached is not None and cached[0] == st.st_mtime_ns:
-            return cached[1]
-        import google_crc32c
-
-        with open(path, "rb") as fh:
-            fh.seek(st.st_size - self.index_bytes)
-            raw = fh.read(self.index_bytes)
-        body, crc = raw[:-4], raw[-4:]
-        if np.uint32(google_crc32c.value(body)).tobytes() != crc:
-            raise OSError(f"shard index checksum mismatch in {path}; the store is corrupt, re-extract it")
-        index = np.frombuffer(body, dtype="<u8").reshape(*self.per_shard, 2)
-        self._index = {path: (st.st_mtime_ns, index)}  # one shard at a time: reads are shard-local
-        return index
-
-    def read(self, video: int, view: int, out: np.ndarray | None = None) -> np.ndarray:
-        """The chunk as a C-order array, read straight into ``out`` (contiguous, chunk-shaped) if given."""
-        coords = (video // self.shard_shape[0], view // self.shard_shape[1]) + (0,) * (len(self.shard_shape) - 2)
-        path = os.path.join(self.root, "c", *map(str, coords))
-        index = self._shard_index(path)
-        out = np.empty(self.chunk_shape[2:], dtype=self.dtype) if out is None else out
-        pos = (video % self.shard_shape[0], view % self.shard_shape[1]) + (0,) * (len(self.shard_shape) - 2)
-        if index is None or int(index[pos][0]) == self.EMPTY:
-            out.fill(self.fill)
-            return out
-        offset, nbytes = int(index[pos][0]), int(index[pos][1])
-        if nbytes != out.nbytes:
-            raise OSError(f"chunk ({video}, {view}) in {path} has {nbytes} bytes, expected {out.nbytes}; re-extract the store")
-        with open(path, "rb", buffering=0) as fh:
-            fh.seek(offset)
-            if fh.readinto(memoryview(out).cast("B")) != nbytes:
-                raise OSError(f"short read of chunk ({video}, {view}) in {path}; the store is truncated")
-        return out
+from evl_cache.store import CacheStore, StoreDataError, data_error_hint, open_store, split_kinds, tensor_shapes
 
 
 class StoreDataset(Dataset):
     """Map-style dataset over a store: item ``video * V + view`` -> the decoder's input dict.
 
-    Each process (main or DataLoader worker) opens the store itself on first use: Zarr objects
-    are not shared across fork.
+    Reads go through the store's `ChunkReader` (one positioned read per chunk, checked): a done
+    video whose chunk is absent, short or damaged raises `StoreDataError` naming the shard file and
+    `evl-cache verify`; it never yields zeros. Each process (main or DataLoader worker) opens the
+    store itself on first use: Zarr objects and open files are not shared across fork.
     """
 
-    def __init__(self, path: str, fast: bool = True) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
         store = open_store(path)
         self.num_views = store.num_views
         self.num_videos = store.num_videos
         self.names = store.tensor_names()
+        self.shapes = tensor_shapes(store.attrs)
         self.labels = torch.from_numpy(store.labels().astype(np.int64))
-        self.fast = fast and "://" not in path
         self._store: CacheStore | None = None
-        self._readers: dict[str, ShardChunkReader] | None = None
         self._pid = -1
 
     @property
@@ -136,26 +46,11 @@ class StoreDataset(Dataset):
         if self._store is None or self._pid != os.getpid():
             self._store = open_store(self.path)
             self._pid = os.getpid()
-            readers = {n: ShardChunkReader.for_array(os.path.join(self.path, n)) for n in self.names} if self.fast else {}
-            self._readers = readers if readers and all(readers.values()) else None
         return self._store
 
-    @property
-    def uses_fast_path(self) -> bool:
-        self.store
-        return self._readers is not None
-
     def read(self, video: int, view: int) -> dict[str, torch.Tensor]:
-        """Same result as `CacheStore.read`, through one file read per tensor when the layout allows."""
-        store = self.store
-        if self._readers is None:
-            return store.read(video, view)
-        groups: dict[str, list[np.ndarray]] = {}
-        for name in self.names:
-            groups.setdefault(name.split("/")[0], []).append(self._readers[name].read(video, view))
-        out = {kind: torch.from_numpy(np.stack(parts)) for kind, parts in groups.items()}
-        out["label"] = self.labels[video].clone()
-        return out
+        """The decoder's input dict for one (video, view) (same result as `CacheStore.read`)."""
+        return self.store.read(video, view)
 
     def __len__(self) -> int:
         return self.num_videos * self.num_views
@@ -169,29 +64,27 @@ class StoreDataset(Dataset):
     def __getitems__(self, items: list[int]) -> dict[str, torch.Tensor]:
         """A whole batch, each chunk read straight into its slot of the batch tensor (no stacking copy;
         in a DataLoader worker the batch is allocated in shared memory, as torch's collate does)."""
-        self.store
-        if self._readers is None:
-            return stack_items([self[i] for i in items])
+        store = self.store
         pairs = [divmod(int(i), self.num_views) for i in items]
         in_worker = torch.utils.data.get_worker_info() is not None
-        kinds: dict[str, list[str]] = {}
-        for name in self.names:
-            kinds.setdefault(name.split("/")[0], []).append(name)
         out: dict[str, torch.Tensor] = {}
-        for kind, names in kinds.items():
-            first = self._readers[names[0]]
-            dtype = torch.float16 if first.dtype == np.float16 else torch.float32
-            shape = (len(pairs), len(names), *first.chunk_shape[2:])
+        for name in self.names:
+            reader = store.reader(name)
+            dtype = torch.float16 if reader.dtype == np.float16 else torch.float32
+            shape = (len(pairs), *self.shapes[name])
             if in_worker:  # allocate in shared memory up front: handing the batch over costs no copy
-                storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * first.dtype.itemsize)
+                storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * reader.dtype.itemsize)
                 tensor = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
             else:
                 tensor = torch.empty(shape, dtype=dtype)
             arr = tensor.numpy()
             for b, (video, view) in enumerate(pairs):
-                for k, name in enumerate(names):
-                    self._readers[name].read(video, view, out=arr[b, k])
-            out[kind] = tensor
+                try:
+                    reader.read(video, view, out=arr[b])
+                except StoreDataError as err:
+                    raise StoreDataError(data_error_hint(self.path, str(err))) from None
+            parts = split_kinds(name, tensor)
+            out.update(parts)
         videos = torch.tensor([v for v, _ in pairs], dtype=torch.int64)
         out["label"] = self.labels[videos]
         out["video"] = videos
@@ -199,7 +92,7 @@ class StoreDataset(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_store"], state["_readers"], state["_pid"] = None, None, -1
+        state["_store"], state["_pid"] = None, -1
         return state
 
 
@@ -248,14 +141,14 @@ def eval_items(store: CacheStore) -> list[int]:
 
 def make_loader(path: str, batch_size: int, *, train: bool, seed: int = 0, start: int = 0,
                 num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False,
-                items: list[int] | None = None, fast: bool = True) -> DataLoader:
+                items: list[int] | None = None) -> DataLoader:
     """A DataLoader yielding batched decoder dicts (``feats``, ``attn`` | ``q``/``k``, ``label``, ``video``).
 
     ``train``: endless `EpochSampler` stream from position ``start`` in full batches; otherwise the
     given ``items`` (default: `eval_items`) once, last batch partial. The loader gets its own
     generator so creating it never draws from the global torch RNG (exact resume).
     """
-    dataset = StoreDataset(path, fast=fast)
+    dataset = StoreDataset(path)
     store = dataset.store
     if train:
         sampler: Any = EpochSampler(store.done_indices(), store.num_views, seed, start)
@@ -296,11 +189,11 @@ class Throughput:
 
 
 def measure_loader(path: str, batch_size: int, num_batches: int, num_workers: int = 0,
-                   prefetch_factor: int = 2, fast: bool = True) -> Throughput:
+                   prefetch_factor: int = 2) -> Throughput:
     """Clip-views/s and MB/s (payload bytes) of the training DataLoader alone."""
     store = open_store(path)
     per_view = store.raw_bytes_per_view()
-    loader = make_loader(path, batch_size, train=True, num_workers=num_workers, prefetch_factor=prefetch_factor, fast=fast)
+    loader = make_loader(path, batch_size, train=True, num_workers=num_workers, prefetch_factor=prefetch_factor)
     it = iter(loader)
     next(it)  # worker start-up is not throughput
     started = time.perf_counter()
@@ -318,9 +211,8 @@ def measure_raw(path: str, passes: int = 3) -> Throughput:
     store = open_store(path)
     files = []
     for name in tensor_shapes(store.attrs):
-        root = os.path.join(path, name, "c")
-        for dirpath, _, names in os.walk(root):
-            files.extend(os.path.join(dirpath, f) for f in names)
+        folder = os.path.join(path, name)
+        files.extend(os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.startswith("c."))
     buf = bytearray(1 << 22)
     best = float("inf")
     for _ in range(passes):

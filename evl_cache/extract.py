@@ -1,15 +1,19 @@
 """Stage 1: run the frozen backbone once per video and write a cache store, on Ray.
 
-Per shard of S videos: one CPU task per video decodes and builds its views; a backbone actor (one
-per GPU, or one CPU actor) turns the shard's views into tensors; one writer task writes the shard's
-files whole; then the driver, the only writer of ``videos/*``, marks the shard's videos. A bounded
-number of shards is in flight, so memory stays flat and decoding overlaps the backbone. A rerun of
-the same command finds the pending shards from ``videos/status`` and redoes exactly those.
+Per shard (S consecutive videos, about 1 GiB per shard file): one CPU task per video that needs
+work decodes it into uint8 views; backbone actors (one per GPU, or one CPU actor) finish the views
+and run the backbone, one batch of videos per call; one writer task writes those videos' chunks
+into the shard files and fsyncs them; then the driver, the only writer of the per-video table,
+marks the videos (in memory, flushed every few seconds). A bounded number of shards is in flight,
+so memory stays flat and decoding overlaps the backbone. A rerun of the same command redoes
+exactly the videos that are not done; a done video is never rewritten.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,23 +22,30 @@ import numpy as np
 
 from evl_cache.backbone import BackboneSpec, build_backbone, default_device
 from evl_cache.errors import UserError
+from evl_cache.faults import fault_point
 from evl_cache.store import (
+    DEFAULT_SHARD_MIB,
     DONE,
     FAILED,
     PENDING,
     CacheStore,
+    StoreDataError,
+    VideoTable,
+    choose_shard_size,
     comparable_attr,
     create_store,
+    data_error_hint,
     open_store,
     remove_partial_files,
     shards_of,
     tensor_shapes,
 )
-from evl_cache.video import Sampling, VideoError, ViewSet, build_views
+from evl_cache.video import PackedViews, Sampling, VideoError, ViewSet, decode_views, finish_views
 
 # Attributes that must match for a rerun to resume into an existing store.
 RESUME_KEYS = ("backbone", "blocks", "frames", "sampling", "views", "num_views", "attention", "dtype",
-               "class_names", "manifest_sha256", "shard_size", "min_frames", "compressor")
+               "class_names", "manifest_sha256", "min_frames", "compressor")
+FLUSH_SECONDS = 5.0  # the driver writes its marks at most this often (and at the end)
 
 
 @dataclass
@@ -47,13 +58,15 @@ class ExtractConfig:
     blocks: list[int] | None = None
     attention: str = "maps"
     dtype: str = "float16"
-    shard_size: int = 16
+    shard_size: int | None = None
+    shard_mib: float = DEFAULT_SHARD_MIB
     batch_size: int = 8
     min_frames: int | None = None
     compressor: str | None = None
     ray_address: str | None = None
     num_cpus: int | None = None
     max_inflight_shards: int | None = None
+    decode_timeout: float = 120.0
     retry_failed: bool = False
     progress: bool = True
 
@@ -73,9 +86,11 @@ class ExtractConfig:
             views=ViewSet.parse(g.get("views", "eval"), sampling, seed=int(g.get("view_seed", 0))),
             blocks=parse_blocks(g.get("blocks"), g.get("decoder_layers")),
             attention=g.get("attention", "maps"), dtype=g.get("dtype", "float16"),
-            shard_size=int(g.get("shard_size", 16)), batch_size=int(g.get("batch_size", 8)),
+            shard_size=int(g["shard_size"]) if g.get("shard_size") else None,
+            shard_mib=float(g.get("shard_mib", DEFAULT_SHARD_MIB)), batch_size=int(g.get("batch_size", 8)),
             min_frames=g.get("min_frames"), compressor=g.get("compressor"), ray_address=g.get("ray_address"),
-            num_cpus=g.get("num_cpus"), retry_failed=bool(g.get("retry_failed", False)),
+            num_cpus=g.get("num_cpus"), decode_timeout=float(g.get("decode_timeout", 120.0)),
+            retry_failed=bool(g.get("retry_failed", False)),
         )
 
 
@@ -108,19 +123,23 @@ class ExtractSummary:
     failures: list[tuple[int, str, str]]
     first_shard_s: float = 0.0
     steady_clip_views_per_s: float = 0.0
+    files: int = 0
+    pending: int = 0
+    damaged: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [
-            f"store {self.store}: {self.done}/{self.total} done, {self.failed} failed, "
+            f"store {self.store}: {self.done}/{self.total} done, {self.failed} failed, {self.pending} pending, "
             f"{self.skipped} already done before this run",
             f"processed {self.processed} videos in {self.seconds:.1f} s ({self.clip_views_per_s:.2f} clip-views/s; "
-            f"first shard after {self.first_shard_s:.1f} s, then {self.steady_clip_views_per_s:.2f} clip-views/s), "
-            f"{self.bytes_on_disk / 2**20:.1f} MiB on disk",
+            f"first batch after {self.first_shard_s:.1f} s, then {self.steady_clip_views_per_s:.2f} clip-views/s), "
+            f"{self.bytes_on_disk / 2**20:.1f} MiB on disk in {self.files} files and directories",
         ]
         for idx, path, err in self.failures[:50]:
             out.append(f"  failed #{idx} {path}: {err}")
         if len(self.failures) > 50:
             out.append(f"  ... and {len(self.failures) - 50} more (see `evl-cache inspect`)")
+        out += [f"  not written: {msg}" for msg in self.damaged]
         return out
 
 
@@ -128,19 +147,38 @@ class ExtractSummary:
 # work units (run inside Ray workers; plain functions so they are testable without Ray)
 
 
-def decode_video(path: str, key: str, sampling: Sampling, views: ViewSet, size: int, min_frames: int) -> tuple[np.ndarray | None, dict[str, Any]]:
-    """Decode one video into its views, or a failure record; never raises for a bad video."""
-    try:
-        tensor, meta = build_views(path, sampling, views, size, key=key, min_frames=min_frames)
-        return tensor.numpy(), {"status": DONE, "error": "", **meta}
-    except VideoError as err:
-        return None, {"status": FAILED, "error": str(err)}
-    except Exception as err:  # noqa: BLE001 - a decoder bug on one file must not stop the run
-        return None, {"status": FAILED, "error": f"unexpected {err.__class__.__name__}: {str(err)[:200]}"}
+def decode_video(path: str, key: str, sampling: Sampling, views: ViewSet, size: int, min_frames: int,
+                 timeout: float | None = None) -> tuple[PackedViews | None, dict[str, Any]]:
+    """Decode one video into uint8 `PackedViews`, or a failure record; never raises, never hangs.
+
+    The decode runs in a worker thread; after ``timeout`` seconds the video is recorded as failed
+    and the thread is abandoned (a C decoder stuck on a damaged stream cannot be interrupted).
+    """
+    result: list[Any] = []
+
+    def work() -> None:
+        try:
+            fault_point("decode", key)
+            packed, meta = decode_views(path, sampling, views, size, key=key, min_frames=min_frames)
+            result.append((packed, {"status": DONE, "error": "", **meta}))
+        except VideoError as err:
+            result.append((None, {"status": FAILED, "error": str(err)}))
+        except Exception as err:  # noqa: BLE001 - a decoder bug on one file must not stop the run
+            result.append((None, {"status": FAILED, "error": f"unexpected {err.__class__.__name__}: {str(err)[:200]}"}))
+
+    if not timeout:
+        work()
+        return result[0]
+    thread = threading.Thread(target=work, name=f"decode {key}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not result:
+        return None, {"status": FAILED, "error": f"decode timed out after {timeout:g} s (--decode-timeout)"}
+    return result[0]
 
 
 class BackboneRunner:
-    """Holds one backbone and turns a shard's decoded views into the store's tensors."""
+    """Holds one backbone; turns decoded videos into the store's tensors (finishing uint8 views here)."""
 
     def __init__(self, spec: dict[str, Any], blocks: list[int] | None, attention: str, dtype: str,
                  threads: int | None = None, device: str | None = None) -> None:
@@ -152,34 +190,54 @@ class BackboneRunner:
                                        device=device or default_device())
         self.dtype = np.dtype(dtype)
 
-    def compute(self, batch_size: int, shapes: dict[str, tuple[int, ...]], num_views: int,
-                *decoded: tuple[np.ndarray | None, dict[str, Any]]) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
-        """Run the backbone over every view of the shard's decoded videos, batch by batch.
+    def compute(self, batch_size: int, *decoded: tuple[PackedViews | None, dict[str, Any]]
+                ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+        """Run the backbone over every view of the decoded videos that have views.
 
-        ``decoded`` arrive as top-level arguments so Ray hands them over already resolved.
+        Returns the store's tensors for those videos only, each (n_ok, V, *chunk shape), and one
+        record per input. ``decoded`` arrive as top-level arguments so Ray hands them over resolved.
         """
         import torch
 
-        n = len(decoded)
-        out = {name: np.zeros((n, num_views, *shape), dtype=self.dtype) for name, shape in shapes.items()}
-        items = [(i, v) for i, (views, _) in enumerate(decoded) if views is not None for v in range(num_views)]
+        ok = [i for i, (packed, _) in enumerate(decoded) if packed is not None]
+        views = {i: finish_views(decoded[i][0]) for i in ok}
+        items = [(j, v) for j, i in enumerate(ok) for v in range(views[i].shape[0])]
+        parts: dict[str, list[tuple[list[tuple[int, int]], np.ndarray]]] = {}
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            frames = torch.from_numpy(np.stack([decoded[i][0][v] for i, v in chunk]))
-            result = self.backbone(frames)
-            for kind, tensor in result.items():
-                arr = tensor.float().cpu().numpy()
-                for j, (i, v) in enumerate(chunk):
-                    for kb, block in enumerate(self.backbone.blocks):
-                        out[f"{kind}/{block}"][i, v] = arr[j, kb]
+            frames = torch.stack([views[ok[j]][v] for j, v in chunk])
+            for kind, tensor in self.backbone(frames).items():
+                parts.setdefault(kind, []).append((chunk, tensor.float().cpu().numpy()))
+        out: dict[str, np.ndarray] = {}
+        num_views = max((views[i].shape[0] for i in ok), default=0)
+        for kind, pieces in parts.items():
+            per_view = pieces[0][1].shape[1:]
+            arr = np.empty((len(ok), num_views, *per_view), dtype=self.dtype)
+            for chunk, values in pieces:
+                for (j, v), value in zip(chunk, values):
+                    arr[j, v] = value
+            out[kind] = arr
+        if "q" in out:  # the store keeps q and k in one array, (K, 2, T, L, H, D) per view
+            out["qk"] = np.stack([out.pop("q"), out.pop("k")], axis=3)
         return out, [meta for _, meta in decoded]
 
 
-def write_shard(store_path: str, shard: int, payload: tuple[dict[str, np.ndarray], list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Write one shard's tensor files (the only writer of that shard); return the per-video records."""
-    tensors, records = payload
-    open_store(store_path, mode="r+").write_shard(shard, tensors)
-    return records
+def write_batches(store_path: str, shard: int, videos: list[int], keep: list[int],
+                  *batches: tuple[dict[str, np.ndarray], list[dict[str, Any]]]) -> dict[int, dict[str, Any]]:
+    """Write one shard's recomputed videos (the only writer of that shard), fsync, return their records.
+
+    ``videos`` are the shard's videos that needed work, in the order of the ``batches`` results;
+    ``keep`` its done videos, whose chunks are checked and kept byte for byte.
+    """
+    records = [rec for _, recs in batches for rec in recs]
+    ok = [v for v, rec in zip(videos, records) if rec["status"] == DONE]
+    tensors: dict[str, np.ndarray] = {}
+    for name in {n for tensors_, _ in batches for n in tensors_}:
+        tensors[name] = np.concatenate([t[name] for t, _ in batches if name in t and len(t[name])])
+    store = open_store(store_path, mode="r+")
+    if ok:
+        store.write_videos(shard, ok, tensors, keep=keep)
+    return dict(zip(videos, records))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +263,6 @@ def store_attributes(backbone_desc: dict[str, Any], blocks: list[int], cfg: Extr
         "dtype": cfg.dtype,
         "min_frames": cfg.min_frames or cfg.sampling.frames,
         "compressor": cfg.compressor,
-        "shard_size": cfg.shard_size,
         "class_names": list(class_names),
         "manifest_sha256": manifest_sha,
         "manifest": manifest_meta,
@@ -222,27 +279,52 @@ def prepare_store(store_path: str, attrs: dict[str, Any], paths: list[str], labe
                     f"store {store_path} exists but was created with a different {key} "
                     f"({store.attrs.get(key)!r} vs {attrs.get(key)!r}); pass a new --store path or delete the old store"
                 )
+        if cfg.shard_size and cfg.shard_size != store.shard_size:
+            raise UserError(f"store {store_path} has {store.shard_size} videos per shard, not --shard-size {cfg.shard_size}; "
+                            "drop --shard-size to resume it")
         remove_partial_files(store_path)
         return store
     parent = os.path.dirname(os.path.abspath(store_path))
     os.makedirs(parent, exist_ok=True)
-    return create_store(store_path, attrs, paths, labels, shard_size=cfg.shard_size, compressor=cfg.compressor)
+    shard_size = cfg.shard_size or choose_shard_size(attrs, cfg.shard_mib)
+    return create_store(store_path, attrs, paths, labels, shard_size=shard_size, compressor=cfg.compressor)
+
+
+def resolve_precision(cfg: ExtractConfig) -> BackboneSpec:
+    """The backbone spec with ``auto`` precision made explicit for the machines that will run it:
+    fp16 when the cluster has GPUs (the actors run there), else fp32. Recorded in the store, so a
+    resume on another kind of machine cannot mix precisions in one store."""
+    if cfg.backbone.precision != "auto":
+        return cfg.backbone
+    if cfg.ray_address:
+        from evl_cache.ray_runtime import ray_session
+
+        with ray_session(cfg.ray_address) as ray:
+            gpus = int(ray.cluster_resources().get("GPU", 0))
+    else:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    return dataclasses.replace(cfg.backbone, precision="fp16" if gpus else "fp32")
 
 
 def extract(manifest: Any, store_path: str, cfg: ExtractConfig) -> ExtractSummary:
     """Extract ``manifest`` (an `evl_cache.datasets.Manifest`) into the store at ``store_path``.
 
-    Safe to rerun after any interruption: finished shards are kept, the rest are redone, and the
+    Safe to rerun after any interruption: done videos are kept, the rest are redone, and the
     final store is byte-identical to an uninterrupted run.
     """
     if len(manifest.paths) == 0:
         raise UserError("the manifest lists no videos; check --root/--annotations/--split")
     if cfg.dtype not in ("float16", "float32"):
         raise UserError(f"unknown --dtype '{cfg.dtype}'; use float16 or float32")
-    probe = build_backbone(cfg.backbone, blocks=cfg.blocks, attention=cfg.attention, device="cpu")
-    desc, blocks = probe.describe(), probe.blocks
     if cfg.attention == "maps" and cfg.sampling.frames < 2:
         raise UserError("attention maps need at least 2 frames; use --frames >= 2 or --attention none")
+    if cfg.decode_timeout <= 0:
+        raise UserError(f"--decode-timeout must be positive seconds (got {cfg.decode_timeout})")
+    cfg = dataclasses.replace(cfg, backbone=resolve_precision(cfg))
+    probe = build_backbone(cfg.backbone, blocks=cfg.blocks, attention=cfg.attention, device="cpu")
+    desc, blocks = probe.describe(), probe.blocks
     del probe
     manifest_meta = {"name": getattr(manifest, "name", ""), "root": getattr(manifest, "root", "")}
     attrs = store_attributes(desc, blocks, cfg, manifest.class_names, manifest.sha256(), manifest_meta)
@@ -251,118 +333,179 @@ def extract(manifest: Any, store_path: str, cfg: ExtractConfig) -> ExtractSummar
     todo_status = (PENDING, FAILED) if cfg.retry_failed else (PENDING,)
     skipped = int((status == DONE).sum())
     todo = [i for i in range(len(status)) if status[i] in todo_status]
-    shards = shards_of(todo, cfg.shard_size)
     started = time.time()
-    processed, first_at, first_count = _run_shards(store, store_path, manifest, shards, attrs, blocks, cfg)
+    run = ShardRun(store, manifest, cfg, blocks, status)
+    run.execute(shards_of(todo, store.shard_size))
     seconds = time.time() - started
-    first_shard_s = first_at - started if first_at else 0.0
+    first_shard_s = run.first_at - started if run.first_at else 0.0
     steady_s = seconds - first_shard_s
-    info = store.info()
+    info = open_store(store_path).info()
     return ExtractSummary(
         store=store_path, total=info.num_videos, done=info.done, failed=info.failed, skipped=skipped,
-        processed=processed, seconds=seconds,
-        clip_views_per_s=(processed * store.num_views / seconds) if seconds > 0 else 0.0,
+        processed=run.processed, seconds=seconds,
+        clip_views_per_s=(run.processed * store.num_views / seconds) if seconds > 0 else 0.0,
         bytes_on_disk=info.bytes_on_disk, failures=info.failures, first_shard_s=first_shard_s,
-        steady_clip_views_per_s=((processed - first_count) * store.num_views / steady_s) if steady_s > 0 else 0.0,
+        steady_clip_views_per_s=((run.processed - run.first_count) * store.num_views / steady_s) if steady_s > 0 else 0.0,
+        files=info.files, pending=info.pending, damaged=run.damaged,
     )
 
 
-def _run_shards(store: CacheStore, store_path: str, manifest: Any, shards: dict[int, list[int]],
-                attrs: dict[str, Any], blocks: list[int], cfg: ExtractConfig) -> tuple[int, float, int]:
-    """Push shards through decode -> backbone -> write on Ray, marking each as it lands.
+class ShardRun:
+    """Pushes shards through decode -> backbone -> write on Ray and marks each as it lands.
 
-    Returns (videos processed, time the first shard landed, videos in that first shard), so the
-    summary can separate the one-off start-up (workers importing torch, loading weights) from
-    the steady-state rate.
+    The steps are methods: `start_workers` (actors that never hold a CPU, so decode tasks always
+    get one), `submit` (one shard's decode tasks, backbone batches and writer), `land` (mark a
+    written shard, or requeue it with its crashed decodes recorded), and the `execute` loop.
     """
-    if not shards:
-        return 0, 0.0, 0
-    from evl_cache.progress import ExtractProgress
-    from evl_cache.ray_runtime import ray_session
 
-    shapes = tensor_shapes(attrs)
-    size = attrs["backbone"]["image_size"]
-    min_frames = attrs["min_frames"]
-    root = getattr(manifest, "root", "") or ""
-    total_videos = sum(len(v) for v in shards.values())
-    with ray_session(cfg.ray_address, num_cpus=cfg.num_cpus) as ray:
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        decode_task = ray.remote(num_cpus=1, max_retries=1)(decode_video)
-        writer_task = ray.remote(num_cpus=0, max_retries=2)(write_shard)
+    def __init__(self, store: CacheStore, manifest: Any, cfg: ExtractConfig, blocks: list[int], status: np.ndarray) -> None:
+        self.store, self.manifest, self.cfg, self.blocks = store, manifest, cfg, blocks
+        self.status = status
+        self.attrs = store.attrs
+        self.root = getattr(manifest, "root", "") or ""
+        self.table = VideoTable(store)
+        self.known_failures: dict[int, dict[str, Any]] = {}
+        self.processed, self.first_at, self.first_count = 0, 0.0, 0
+        self.damaged: list[str] = []
+        self.runners: list[Any] = []
+        self.turn = 0
+
+    # -- steps --------------------------------------------------------------------------------
+    def start_workers(self, ray: Any) -> None:
+        resources = ray.cluster_resources()
+        cpus, gpus = float(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+        if cpus < 1:
+            raise UserError(f"the Ray cluster offers {cpus:g} CPUs; decoding needs at least 1: "
+                            "raise --num-cpus or add a node with CPUs")
+        self.decode_task = ray.remote(num_cpus=1, max_retries=1)(decode_video)
+        self.writer_task = ray.remote(num_cpus=0, max_retries=2)(write_batches)
+        spec, cfg = self.cfg.backbone.to_dict(), self.cfg
+        # Actors hold no CPU (num_cpus=0): a CPU reserved for an actor's whole life is one that decode
+        # tasks can never get, which hung a run whenever the cluster had no more CPUs than actors.
         if gpus:
-            actor_cls = ray.remote(num_gpus=1, num_cpus=1, max_restarts=2, max_task_retries=2)(BackboneRunner)
-            runners = [actor_cls.remote(cfg.backbone.to_dict(), blocks, cfg.attention, cfg.dtype, 4) for _ in range(gpus)]
+            actor = ray.remote(num_gpus=1, num_cpus=0, max_restarts=2, max_task_retries=2)(BackboneRunner)
+            self.runners = [actor.remote(spec, self.blocks, cfg.attention, cfg.dtype, 4) for _ in range(gpus)]
         else:
-            # One CPU actor that may use every core: decode tasks time-share with it, which is what
-            # gets a 2-core machine close to the serial bound 1/(1/decode + 1/backbone).
-            actor_cls = ray.remote(num_cpus=1, max_restarts=2, max_task_retries=2)(BackboneRunner)
-            runners = [actor_cls.remote(cfg.backbone.to_dict(), blocks, cfg.attention, cfg.dtype, cpus, "cpu")]
-        max_inflight = cfg.max_inflight_shards or 2 * len(runners) + 1
-        queue = sorted(shards)
-        inflight: dict[Any, tuple[int, list[Any]]] = {}
-        known_failures: dict[int, dict[int, dict[str, Any]]] = {}
-        processed, first_at, first_count = 0, 0.0, 0
-        with ExtractProgress(total_videos, enabled=cfg.progress, views=store.num_views) as progress:
-            turn = 0
+            # One CPU actor whose threads may use every core: decode tasks time-share with it, which is
+            # what gets a 2-core machine close to the serial bound 1/(1/decode + 1/backbone).
+            actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)(BackboneRunner)
+            self.runners = [actor.remote(spec, self.blocks, cfg.attention, cfg.dtype, max(1, int(cpus)), "cpu")]
 
-            def submit(shard: int) -> None:
-                nonlocal turn
-                lo = shard * cfg.shard_size
-                hi = min(lo + cfg.shard_size, store.num_videos)
-                refs = []
-                for i in range(lo, hi):
-                    if i in known_failures.get(shard, {}):
-                        refs.append((None, known_failures[shard][i]))
+    def submit(self, shard: int, videos: list[int]) -> tuple[Any, list[Any], list[Any]]:
+        """Queue one shard: decode tasks, backbone batches (round-robin over actors), the writer."""
+        cfg, store = self.cfg, self.store
+        size = self.attrs["backbone"]["image_size"]
+        views = ViewSet(**self.attrs["views"])
+        decodes: list[Any] = []
+        for i in videos:
+            if i in self.known_failures:
+                decodes.append((None, self.known_failures[i]))
+                continue
+            path = self.manifest.paths[i]
+            key = os.path.relpath(path, self.root) if self.root else path
+            decodes.append(self.decode_task.remote(path, key, cfg.sampling, views, size, self.attrs["min_frames"],
+                                                   cfg.decode_timeout))
+        per_batch = max(1, cfg.batch_size // store.num_views)
+        batches = []
+        for start in range(0, len(decodes), per_batch):
+            runner = self.runners[self.turn % len(self.runners)]
+            self.turn += 1
+            batches.append(runner.compute.remote(cfg.batch_size, *decodes[start:start + per_batch]))
+        lo = shard * store.shard_size
+        keep = [i for i in range(lo, min(lo + store.shard_size, store.num_videos)) if self.status[i] == DONE]
+        writer = self.writer_task.remote(store.path, shard, videos, keep, *batches)
+        return writer, decodes, batches
+
+    def land(self, ray: Any, shard: int, videos: list[int], ref: Any, decodes: list[Any]) -> bool:
+        """Mark a finished shard; False if it must be resubmitted (a decode worker crashed)."""
+        try:
+            records = ray.get(ref)
+        except ray.exceptions.RayError as err:
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, StoreDataError):
+                self.damaged.append(data_error_hint(self.store.path, f"shard {shard}: {cause}"))
+                return True
+            crashed = _crashed_decodes(ray, videos, decodes)
+            if not crashed:
+                raise RuntimeError(f"shard {shard} failed outside decoding: {err}") from err
+            self.known_failures.update(crashed)
+            return False
+        fault_point("after_shard_write", shard)
+        self.table.mark(records, shard)
+        for i, rec in records.items():
+            self.status[i] = rec["status"]
+        self.processed += len(records)
+        if not self.first_at:
+            self.first_at, self.first_count = time.time(), len(records)
+        return True
+
+    def execute(self, shards: dict[int, list[int]]) -> None:
+        if not shards:
+            return
+        from evl_cache.progress import ExtractProgress
+        from evl_cache.ray_runtime import ray_session
+
+        cfg = self.cfg
+        total = sum(len(v) for v in shards.values())
+        with ray_session(cfg.ray_address, num_cpus=cfg.num_cpus) as ray:
+            self.start_workers(ray)
+            max_inflight = cfg.max_inflight_shards or 2 * len(self.runners) + 1
+            queue = sorted(shards)
+            inflight: dict[Any, tuple[int, list[Any]]] = {}
+            batches: dict[Any, int] = {}  # backbone batch -> videos in it, for progress
+            flushed = time.monotonic()
+            with ExtractProgress(total, enabled=cfg.progress, views=self.store.num_views) as progress:
+                while queue or inflight:
+                    while queue and len(inflight) < max_inflight:
+                        shard = queue.pop(0)
+                        writer, decodes, refs = self.submit(shard, shards[shard])
+                        inflight[writer] = (shard, decodes)
+                        per_batch = max(1, cfg.batch_size // self.store.num_views)
+                        batches.update({r: min(per_batch, len(shards[shard]) - k * per_batch) for k, r in enumerate(refs)})
+                    ready, _ = ray.wait(list(inflight) + list(batches), num_returns=1)
+                    ref = ready[0]
+                    if ref in batches:
+                        videos = batches.pop(ref)
+                        if not self.first_at:
+                            self.first_at, self.first_count = time.time(), videos
+                        progress.advance(done=videos, failed=0)
                         continue
-                    path = manifest.paths[i]
-                    key = os.path.relpath(path, root) if root else path
-                    refs.append(decode_task.remote(path, key, cfg.sampling, store_views(attrs), size, min_frames))
-                runner = runners[turn % len(runners)]
-                turn += 1
-                computed = runner.compute.remote(cfg.batch_size, shapes, store.num_views, *refs)
-                inflight[writer_task.remote(store_path, shard, computed)] = (shard, refs)
-
-            while queue or inflight:
-                while queue and len(inflight) < max_inflight:
-                    submit(queue.pop(0))
-                ready, _ = ray.wait(list(inflight), num_returns=1)
-                ref = ready[0]
-                shard, refs = inflight.pop(ref)
-                try:
-                    records = ray.get(ref)
-                except ray.exceptions.RayError as err:
-                    crashed = _crashed_decodes(ray, shard, refs, cfg.shard_size)
-                    if not crashed:
-                        raise RuntimeError(f"shard {shard} failed outside decoding: {err}") from err
-                    known_failures.setdefault(shard, {}).update(crashed)
-                    queue.insert(0, shard)
-                    continue
-                lo = shard * cfg.shard_size
-                results = {lo + j: rec for j, rec in enumerate(records)}
-                store.mark(results)  # the whole shard was rewritten, so all its records are current
-                wanted = [results[i] for i in shards[shard]]
-                processed += len(wanted)
-                if not first_at:
-                    first_at, first_count = time.time(), len(wanted)
-                progress.advance(done=sum(r["status"] == DONE for r in wanted),
-                                 failed=sum(r["status"] == FAILED for r in wanted))
-    return processed, first_at, first_count
+                    shard, decodes = inflight.pop(ref)
+                    if not self.land(ray, shard, shards[shard], ref, decodes):
+                        queue.insert(0, shard)
+                        continue
+                    progress.reclassify_failed(int(sum(self.status[i] == FAILED for i in shards[shard])))
+                    if time.monotonic() - flushed > FLUSH_SECONDS:
+                        self.table.flush()
+                        flushed = time.monotonic()
+        self.table.flush()
 
 
-def _crashed_decodes(ray: Any, shard: int, refs: list[Any], shard_size: int) -> dict[int, dict[str, Any]]:
+def _crashed_decodes(ray: Any, videos: list[int], decodes: list[Any]) -> dict[int, dict[str, Any]]:
     """After a shard failed, find decode tasks whose worker died (e.g. a decoder segfault)."""
     crashed = {}
-    lo = shard * shard_size
-    for j, ref in enumerate(refs):
+    for i, ref in zip(videos, decodes):
         if isinstance(ref, tuple):
             continue
         try:
             ray.get(ref)
         except ray.exceptions.RayError as err:
-            crashed[lo + j] = {"status": FAILED, "error": f"decoder process crashed ({err.__class__.__name__})"}
+            crashed[i] = {"status": FAILED, "error": f"decoder process crashed ({err.__class__.__name__})"}
     return crashed
 
 
-def store_views(attrs: dict[str, Any]) -> ViewSet:
-    return ViewSet(**attrs["views"])
+def extract_serially(store: CacheStore, runner: BackboneRunner, paths: list[str], keys: list[str],
+                     batch_size: int = 8) -> None:
+    """Extract every pending video of ``store`` in this process, with the same work units as the Ray
+    driver (decode, backbone batch, shard write, mark): for tests and benchmarks that measure or
+    check the data, not the scheduling."""
+    attrs = store.attrs
+    views, sampling = ViewSet(**attrs["views"]), Sampling(**attrs["sampling"])
+    size = attrs["backbone"]["image_size"]
+    todo = [int(i) for i in np.flatnonzero(store.status() != DONE)]
+    table = VideoTable(store)
+    for shard, videos in shards_of(todo, store.shard_size).items():
+        decoded = [decode_video(paths[i], keys[i], sampling, views, size, attrs["min_frames"]) for i in videos]
+        table.mark(write_batches(store.path, shard, videos, [], runner.compute(batch_size, *decoded)), shard)
+    table.flush()
+

@@ -38,3 +38,10 @@ class ExtractProgress:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self._progress.__exit__(exc_type, exc, tb)
+
+    def reclassify_failed(self, count: int) -> None:
+        """Videos counted as processed when their backbone batch finished turned out to have failed
+        decoding (known only when their shard lands)."""
+        self.done -= count
+        self.failed += count
+        self._progress.update(self._task, done=self.done, failed=self.failed)

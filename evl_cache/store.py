@@ -1,24 +1,30 @@
 """The cache store: a Zarr v3 group that is the contract between extraction and training.
 
-Layout (DESIGN.md): root attribute ``evl_cache`` holds the schema (backbone, blocks, frames,
-sampling, views, attention mode, dtype, classes, manifest sha256); arrays hold N videos x V views:
+Layout (docs/cache-format.md): the root attribute ``evl_cache`` holds the schema (backbone with its
+resolved precision, blocks, frames, sampling, views, attention mode, dtype, classes, manifest
+sha256, shard size); arrays sit flat under the root, so a store has no nested directories:
 
-- ``videos/{path,label,status,error,num_frames,fps}``: per-video table, written by the driver only;
-- ``feats/<block>`` (N, V, T, L, C) block outputs, CLS included;
-- ``attn/<block>`` (N, V, 2, T-1, P, P) adjacent-frame maps (attention ``maps``), or
-  ``q/<block>``, ``k/<block>`` (N, V, T, L, H, D) (attention ``qk``).
+- the per-video table, written by the extraction driver only: ``paths`` (N,) str, ``labels`` (N,)
+  int32, ``status`` (N,) uint8 (0 pending, 1 done, 2 failed), ``errors`` (N,) str and
+  ``decode_meta`` (N, 2) float32 (frames in the file, fps);
+- tensors, one array per kind with every cached block inside one chunk: ``feats`` (N, V, K, T, L, C)
+  block outputs (CLS included), and ``attn`` (N, V, K, 2, T-1, P, P) adjacent-frame maps (attention
+  ``maps``) or ``qk`` (N, V, K, 2, T, L, H, D) raw q and k (attention ``qk``).
 
-Chunk = one (video, view). Tensor arrays are sharded by S consecutive videos (Zarr's sharding
-codec): a shard is one file per array, written whole by exactly one task, so writers never share a
-file, and a K400-sized store holds thousands of files rather than millions. Zarr's local store
-writes every file atomically (temp file + rename), so a killed writer leaves no torn shard.
+Chunk = one (video, view); shard = S consecutive videos, one file per tensor array, written by
+exactly one task, so writers never share a file. Chunk keys use ``.`` separators (``c.7.0.0...``),
+so a shard is a file beside its array's ``zarr.json`` instead of a path 6 directories deep. Every
+chunk carries a crc32c (the sharding codec's inner ``crc32c`` codec) and every shard index its own,
+so a reader detects a missing, short or damaged chunk and raises (`StoreDataError`) instead of
+handing fill values (zeros) to a model.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -26,28 +32,59 @@ import numpy as np
 import torch
 
 from evl_cache.errors import UserError
+from evl_cache.faults import fault_point
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PENDING, DONE, FAILED = 0, 1, 2
 STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
-DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": None}
+TABLE_ARRAYS = ("paths", "labels", "status", "errors", "decode_meta")
+TABLE_CHUNK = 4096  # videos per chunk of the per-video table: ~60 chunk files per column at K400 size
+DEFAULT_SHARD_MIB = 1024
+MAX_SHARD_VIDEOS = 4096
 
+
+class StoreDataError(UserError):
+    """A done video's data is missing, short or damaged: an error, never zeros."""
+
+
+# ------------------------------------------------------------------------------------ schema
 
 
 def tensor_shapes(attrs: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Per-(video, view) shapes of every tensor array named by the schema attributes."""
+    """Per-(video, view) shape of every tensor array the schema attributes name."""
     t, length, c = attrs["frames"], attrs["tokens"], attrs["width"]
-    p = length - 1
-    heads = attrs["heads"]
-    shapes: dict[str, tuple[int, ...]] = {}
-    for b in attrs["blocks"]:
-        shapes[f"feats/{b}"] = (t, length, c)
-        if attrs["attention"] == "maps":
-            shapes[f"attn/{b}"] = (2, max(t - 1, 0), p, p)
-        elif attrs["attention"] == "qk":
-            shapes[f"q/{b}"] = (t, length, heads, c // heads)
-            shapes[f"k/{b}"] = (t, length, heads, c // heads)
+    k, p, heads = len(attrs["blocks"]), length - 1, attrs["heads"]
+    shapes: dict[str, tuple[int, ...]] = {"feats": (k, t, length, c)}
+    if attrs["attention"] == "maps":
+        shapes["attn"] = (k, 2, max(t - 1, 0), p, p)
+    elif attrs["attention"] == "qk":
+        shapes["qk"] = (k, 2, t, length, heads, c // heads)
     return shapes
+
+
+def split_kinds(name: str, chunk: np.ndarray) -> dict[str, np.ndarray]:
+    """A tensor array's chunk as the decoder's input entries: ``qk`` splits into ``q`` and ``k``
+    (axis 1 of the (K, 2, ...) chunk); every other array is one entry of its own name."""
+    if name == "qk":
+        return {"q": chunk[:, 0], "k": chunk[:, 1]}
+    return {name: chunk}
+
+
+def bytes_per_video(attrs: dict[str, Any]) -> dict[str, int]:
+    """Uncompressed bytes of one video (all V views) in each tensor array."""
+    itemsize = np.dtype(attrs["dtype"]).itemsize
+    v = int(attrs["num_views"])
+    return {name: v * int(np.prod(shape)) * itemsize for name, shape in tensor_shapes(attrs).items()}
+
+
+def choose_shard_size(attrs: dict[str, Any], target_mib: float = DEFAULT_SHARD_MIB) -> int:
+    """Videos per shard so the largest shard file is about ``target_mib`` MiB (uncompressed).
+
+    Fewer, larger files keep a K400 store to thousands of files; a shard is also the unit that is
+    redone after an interruption, so it is capped at `MAX_SHARD_VIDEOS` videos.
+    """
+    largest = max(bytes_per_video(attrs).values())
+    return int(max(1, min(MAX_SHARD_VIDEOS, (target_mib * 2**20) // largest)))
 
 
 @dataclass
@@ -60,12 +97,178 @@ class StoreInfo:
     pending: int
     bytes_on_disk: int
     failures: list[tuple[int, str, str]]
+    files: int = 0
+
+    def counts(self) -> str:
+        return f"{self.done} done, {self.failed} failed, {self.pending} pending of {self.num_videos}"
 
 
-def _zarr():
-    import zarr
+# ------------------------------------------------------------------------------------ chunk reads
 
-    return zarr
+
+@dataclass
+class ChunkReader:
+    """Reads (video, view) chunks of one sharded tensor array straight from its shard files.
+
+    Zarr's generic read path returns the fill value for a chunk that is absent (a lost or truncated
+    shard file), which would hand zeros to a model; it also costs ~1.5 ms per chunk. This reader
+    locates a chunk through its shard's index (itself crc32c-checked), refuses an absent or short
+    chunk with `StoreDataError`, checks the chunk's own crc32c, then decodes it (raw bytes, or zstd /
+    blosc). One positioned read per chunk.
+    """
+
+    store_path: str
+    name: str
+    meta: dict[str, Any]
+    verify_checksums: bool = True
+    _index: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        meta = self.meta
+        sharding = meta["codecs"][0]
+        if sharding["name"] != "sharding_indexed":
+            raise UserError(f"array {self.name} of {self.store_path} is not sharded; re-extract the store")
+        cfg = sharding["configuration"]
+        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+        self.shard_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        self.chunk_shape = tuple(cfg["chunk_shape"])
+        self.per_shard = tuple(s // c for s, c in zip(self.shard_shape, self.chunk_shape))
+        self.index_bytes = 16 * int(np.prod(self.per_shard)) + 4
+        names = [c["name"] for c in cfg["codecs"]]
+        if names[0] != "bytes" or names[-1] != "crc32c" or len(names) > 3:
+            raise UserError(f"array {self.name} of {self.store_path} has codecs {names}; this evl-cache reads bytes[+zstd|blosc]+crc32c")
+        self.compressor = names[1] if len(names) == 3 else None
+        self.separator = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
+        self.payload_bytes = int(np.prod(self.chunk_shape)) * self.dtype.itemsize
+
+    @classmethod
+    def open(cls, store_path: str, name: str, verify_checksums: bool = True) -> "ChunkReader":
+        with open(os.path.join(store_path, name, "zarr.json")) as fh:
+            return cls(store_path, name, json.load(fh), verify_checksums)
+
+    def shard_file(self, shard: int) -> str:
+        coords = (shard,) + (0,) * (len(self.shard_shape) - 1)
+        return os.path.join(self.store_path, self.name, self.separator.join(["c", *map(str, coords)]))
+
+    def shard_index(self, shard: int) -> np.ndarray:
+        """(S, V) x (offset, nbytes) of every chunk of the shard; raises if the file is missing or damaged."""
+        path = self.shard_file(shard)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise StoreDataError(f"shard file {path} is missing") from None
+        cached = self._index.get(path)
+        if cached is not None and cached[0] == st.st_mtime_ns:
+            return cached[1]
+        import google_crc32c
+
+        if st.st_size < self.index_bytes:
+            raise StoreDataError(f"shard file {path} is truncated ({st.st_size} bytes)")
+        with open(path, "rb") as fh:
+            fh.seek(st.st_size - self.index_bytes)
+            raw = fh.read(self.index_bytes)
+        body, crc = raw[:-4], raw[-4:]
+        if np.uint32(google_crc32c.value(body)).tobytes() != crc:
+            raise StoreDataError(f"shard file {path} is damaged (index checksum mismatch; truncated or overwritten)")
+        index = np.frombuffer(body, dtype="<u8").reshape(*self.per_shard[:2], 2)
+        self._index = {path: (st.st_mtime_ns, index)}  # one shard at a time: reads are shard-local
+        return index
+
+    def read(self, video: int, view: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The chunk as a C-order array (read straight into ``out`` when uncompressed)."""
+        shard, pos = divmod(video, self.shard_shape[0])
+        path = self.shard_file(shard)
+        offset, nbytes = (int(v) for v in self.shard_index(shard)[pos, view])
+        if offset == 2**64 - 1:
+            raise StoreDataError(f"video {video} view {view} has no '{self.name}' chunk in shard file {path}")
+        if self.compressor is None and nbytes != self.payload_bytes + 4:
+            raise StoreDataError(f"video {video} view {view}: '{self.name}' chunk in {path} has {nbytes} bytes, "
+                                 f"expected {self.payload_bytes + 4}")
+        out = np.empty(self.chunk_shape[2:], dtype=self.dtype) if out is None else out
+        if self.compressor is None:  # payload straight into ``out``, crc into a 4-byte buffer: one preadv
+            body, crc = out.reshape(-1).view(np.uint8), bytearray(4)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                got = os.preadv(fd, [body, crc], offset)
+            finally:
+                os.close(fd)
+        else:
+            with open(path, "rb", buffering=0) as fh:
+                fh.seek(offset)
+                raw = fh.read(nbytes)
+            got, body, crc = len(raw), np.frombuffer(raw, dtype=np.uint8)[:-4], raw[-4:]
+        if got != nbytes:
+            raise StoreDataError(f"video {video} view {view}: short read of '{self.name}' in {path} (truncated shard file)")
+        if self.verify_checksums:
+            import google_crc32c
+
+            if np.uint32(google_crc32c.value(body)).tobytes() != bytes(crc):
+                raise StoreDataError(f"video {video} view {view}: '{self.name}' chunk in {path} fails its crc32c")
+        if self.compressor is not None:
+            data = np.frombuffer(self._decompress(body), dtype=self.dtype)
+            if data.size != out.size:
+                raise StoreDataError(f"video {video} view {view}: '{self.name}' chunk in {path} decodes to {data.nbytes} bytes")
+            np.copyto(out, data.reshape(out.shape))
+        return out
+
+    def _decompress(self, body: memoryview) -> bytes:
+        if self.compressor == "zstd":
+            from numcodecs import Zstd
+
+            return Zstd().decode(body)
+        from numcodecs import Blosc
+
+        return Blosc().decode(body)
+
+
+# ------------------------------------------------------------------------------------ the table
+
+
+class VideoTable:
+    """The per-video columns in memory, for the driver: marks are cheap, flushes write dirty chunks.
+
+    Marking a shard only updates memory (its cost does not grow with N); `flush` writes each dirty
+    chunk of ``errors``, ``decode_meta`` and then ``status``, so a kill mid-flush leaves those videos
+    pending (redone), never done with stale metadata. Until a flush, a crash only costs redoing the
+    unflushed shards: their files are already durable and rewriting them is deterministic.
+    """
+
+    def __init__(self, store: "CacheStore") -> None:
+        self.store = store
+        self.status = store.status().copy()
+        self.errors = np.asarray(store.array("errors")[:], dtype=object)
+        self.decode_meta = np.asarray(store.array("decode_meta")[:], dtype=np.float32)
+        self._dirty: set[int] = set()
+        self._shards: list[int] = []
+
+    def mark(self, results: dict[int, dict[str, Any]], shard: int | None = None) -> None:
+        """Record per-video outcomes {index: {"status", "error", "num_frames", "fps"}} in memory."""
+        for i, rec in results.items():
+            self.status[i] = rec.get("status", PENDING)
+            self.errors[i] = rec.get("error", "")
+            self.decode_meta[i] = (rec.get("num_frames", 0.0), rec.get("fps", 0.0))
+            self._dirty.add(int(i) // TABLE_CHUNK)
+        if shard is not None:
+            self._shards.append(shard)
+
+    def flush(self) -> None:
+        """Write every dirty chunk: errors and metadata first, status (the commit point) last."""
+        if not self._dirty:
+            return
+        ranges = [(c * TABLE_CHUNK, min((c + 1) * TABLE_CHUNK, len(self.status))) for c in sorted(self._dirty)]
+        errors, meta, status = (self.store.array(n) for n in ("errors", "decode_meta", "status"))
+        for lo, hi in ranges:
+            errors[lo:hi] = self.errors[lo:hi]
+            meta[lo:hi] = self.decode_meta[lo:hi]
+        for shard in self._shards:
+            fault_point("mark_before_status", shard)
+        for lo, hi in ranges:
+            status[lo:hi] = self.status[lo:hi]
+        self._dirty.clear()
+        self._shards.clear()
+
+
+# ------------------------------------------------------------------------------------ the store
 
 
 class CacheStore:
@@ -76,6 +279,7 @@ class CacheStore:
         self.group = group
         self.attrs: dict[str, Any] = dict(group.attrs["evl_cache"])
         self._arrays: dict[str, Any] = {}
+        self._readers: dict[str, ChunkReader] = {}
 
     # -- schema -------------------------------------------------------------------------------
     @property
@@ -110,69 +314,88 @@ class CacheStore:
     def tensor_names(self) -> list[str]:
         return list(tensor_shapes(self.attrs))
 
-    # -- per-video table (driver only writes) --------------------------------------------------
+    def reader(self, name: str) -> ChunkReader:
+        if name not in self._readers:
+            self._readers[name] = ChunkReader.open(self.path, name)
+        return self._readers[name]
+
+    # -- per-video table ----------------------------------------------------------------------
     def status(self) -> np.ndarray:
-        return np.asarray(self.array("videos/status")[:])
+        return np.asarray(self.array("status")[:])
 
     def labels(self) -> np.ndarray:
-        return np.asarray(self.array("videos/label")[:])
+        return np.asarray(self.array("labels")[:])
 
     def paths(self) -> list[str]:
-        return [str(p) for p in self.array("videos/path")[:]]
+        return [str(p) for p in self.array("paths")[:]]
 
     def errors(self) -> list[str]:
-        return [str(e) for e in self.array("videos/error")[:]]
+        return [str(e) for e in self.array("errors")[:]]
+
+    def decode_meta(self) -> np.ndarray:
+        return np.asarray(self.array("decode_meta")[:])
 
     def done_indices(self) -> np.ndarray:
         return np.flatnonzero(self.status() == DONE)
 
     def mark(self, results: dict[int, dict[str, Any]]) -> None:
-        """Record per-video outcomes: {index: {"status", "error", "num_frames", "fps"}}.
-
-        Called by the driver only, after the shard holding these videos is durably written.
-        ``status`` is written last: it is the commit point, so a kill between these writes leaves
-        the videos pending (and their shard redone), never done with stale metadata.
-        """
-        if not results:
-            return
-        idx = np.array(sorted(results), dtype=np.int64)
-        lo, hi = int(idx.min()), int(idx.max()) + 1
-        for name, key, dtype in (("error", "error", None), ("num_frames", "num_frames", np.int32),
-                                 ("fps", "fps", np.float32), ("status", "status", np.uint8)):
-            arr = self.array(f"videos/{name}")
-            block = np.asarray(arr[lo:hi])
-            block = block.astype(object) if dtype is None else block
-            for i in idx:
-                value = results[int(i)].get(key, "" if dtype is None else 0)
-                block[int(i) - lo] = value
-            arr[lo:hi] = block if dtype is None else block.astype(dtype)
+        """Record per-video outcomes now (one-off callers; the extraction driver batches a `VideoTable`)."""
+        table = VideoTable(self)
+        table.mark(results)
+        table.flush()
 
     # -- tensors ------------------------------------------------------------------------------
-    def write_shard(self, shard: int, tensors: dict[str, np.ndarray]) -> None:
-        """Write one whole shard (videos shard*S .. shard*S+S-1) of every tensor array.
+    def write_videos(self, shard: int, videos: list[int], tensors: dict[str, np.ndarray],
+                     keep: Iterable[int] = ()) -> list[str]:
+        """Write ``videos`` (global indices, all in ``shard``) of every tensor array, then fsync.
 
-        ``tensors[name]`` has shape (n, V, *per-view shape) for the n videos of the shard; videos
-        that failed are zeros. One call per shard, by exactly one task.
+        ``tensors[name]`` has shape (len(videos), V, *chunk shape). ``keep`` lists the shard's done
+        videos: their chunks must already be there, else `StoreDataError` (a retry never papers over
+        lost data), and they are kept byte for byte. With nothing to keep the shard file is written
+        in one go, the rows of videos not given left at the fill value, which Zarr does not store
+        (absent chunks). Otherwise each run of consecutive videos is one read-modify-write of the
+        shard file, which Zarr rebuilds from the existing chunk bytes. Every write is a temp file
+        renamed into place. Returns the shard files written.
         """
+        fault_point("shard_write", shard)
         lo = shard * self.shard_size
+        hi = min(lo + self.shard_size, self.num_videos)
+        keep = list(keep)
+        files = []
         for name in self.tensor_names():
-            data = tensors[name]
+            reader = self.reader(name)
             arr = self.array(name)
-            arr[lo:lo + data.shape[0]] = data.astype(arr.dtype, copy=False)
+            data = tensors[name].astype(arr.dtype, copy=False) if videos else None
+            if keep:
+                index = reader.shard_index(shard)
+                lost = [i for i in keep if int(index[i - lo, 0, 0]) == 2**64 - 1]
+                if lost:
+                    raise StoreDataError(f"done videos {lost[:5]} have no '{name}' data in {reader.shard_file(shard)}")
+                for start, stop in consecutive_runs(videos):
+                    first = videos.index(start)
+                    arr[start:stop] = data[first:first + stop - start]
+            elif videos:
+                full = np.full((hi - lo, *arr.shape[1:]), arr.fill_value, dtype=arr.dtype)
+                full[np.asarray(videos) - lo] = data
+                arr[lo:hi] = full
+            files.append(reader.shard_file(shard))
+        sync_files(f for f in files if os.path.exists(f))
+        return files
 
     def read(self, video: int, view: int) -> dict[str, torch.Tensor]:
         """One (video, view) as the decoder's input dict (unbatched), tensors in the storage dtype.
 
         ``feats`` (K, T, L, C); ``attn`` (K, 2, T-1, P, P) or ``q``/``k`` (K, T, L, H, D); ``label``.
+        Raises `StoreDataError` naming the file and the fix if the chunk is absent or damaged.
         """
         out: dict[str, torch.Tensor] = {}
-        groups: dict[str, list[np.ndarray]] = {}
         for name in self.tensor_names():
-            kind = name.split("/")[0]
-            groups.setdefault(kind, []).append(np.asarray(self.array(name)[video, view]))
-        for kind, parts in groups.items():
-            out[kind] = torch.from_numpy(np.stack(parts))
-        out["label"] = torch.tensor(int(self.array("videos/label")[video]))
+            try:
+                chunk = self.reader(name).read(video, view)
+            except StoreDataError as err:
+                raise StoreDataError(data_error_hint(self.path, str(err))) from None
+            out.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in split_kinds(name, chunk).items()})
+        out["label"] = torch.tensor(int(self.array("labels")[video]))
         return out
 
     # -- summaries ----------------------------------------------------------------------------
@@ -181,19 +404,36 @@ class CacheStore:
         errors = self.errors()
         paths = self.paths()
         failures = [(int(i), paths[i], errors[i]) for i in np.flatnonzero(status == FAILED)]
+        files, nbytes = count_entries(self.path)
         return StoreInfo(
             num_videos=self.num_videos,
             done=int((status == DONE).sum()),
             failed=int((status == FAILED).sum()),
             pending=int((status == PENDING).sum()),
-            bytes_on_disk=directory_bytes(self.path),
+            bytes_on_disk=nbytes,
             failures=failures,
+            files=files,
         )
 
     def raw_bytes_per_view(self) -> int:
         """Bytes of one (video, view)'s tensors in the storage dtype, uncompressed."""
-        itemsize = np.dtype(self.attrs["dtype"]).itemsize
-        return sum(int(np.prod(s)) * itemsize for s in tensor_shapes(self.attrs).values())
+        return sum(bytes_per_video(self.attrs).values()) // self.num_views
+
+
+def consecutive_runs(indices: list[int]) -> list[tuple[int, int]]:
+    """[3, 4, 5, 9] -> [(3, 6), (9, 10)]: half-open ranges of consecutive indices."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def data_error_hint(store_path: str, message: str) -> str:
+    return (f"{message}; the store {store_path} has lost data of a done video: run "
+            f"`evl-cache verify {store_path} --repair`, then rerun the extract command to recompute it")
 
 
 def comparable_attr(key: str, value: Any) -> Any:
@@ -205,65 +445,91 @@ def comparable_attr(key: str, value: Any) -> Any:
     return value
 
 
-def directory_bytes(path: str) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            total += os.path.getsize(os.path.join(root, f))
-    return total
+def count_entries(path: str) -> tuple[int, int]:
+    """(files + directories under ``path``, bytes of its files)."""
+    entries, total = 0, 0
+    for root, dirs, files in os.walk(path):
+        entries += len(dirs) + len(files)
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return entries, total
 
 
-def create_store(path: str, attrs: dict[str, Any], paths: list[str], labels: list[int], shard_size: int = 16,
+def sync_files(files: Iterable[str]) -> None:
+    """fsync each file, then each containing directory (so the renames that created them are durable)."""
+    dirs = set()
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dirs.add(os.path.dirname(f))
+    for d in dirs:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def create_store(path: str, attrs: dict[str, Any], paths: list[str], labels: list[int], shard_size: int | None = None,
                  compressor: str | None = None) -> CacheStore:
     """Create an empty store with every array allocated and all videos pending.
 
     ``attrs`` must hold: backbone, blocks, frames, tokens, width, heads, grid, sampling, views,
-    num_views, attention, dtype, class_names, manifest_sha256.
+    num_views, attention, dtype, class_names, manifest_sha256. ``shard_size`` defaults to
+    `choose_shard_size` (about 1 GiB per shard file).
     """
-    zarr = _zarr()
+    import zarr
+    from zarr.codecs import Crc32cCodec
+
     attrs = dict(attrs)
     n, v = len(paths), int(attrs["num_views"])
-    attrs.update(schema_version=SCHEMA_VERSION, num_videos=n, shard_size=int(shard_size), compressor=compressor)
+    shard_size = int(shard_size or choose_shard_size(attrs))
+    attrs.update(schema_version=SCHEMA_VERSION, num_videos=n, shard_size=shard_size, compressor=compressor)
+    flat = {"name": "default", "separator": "."}
     group = zarr.open_group(path, mode="w-", zarr_format=3)
-    # The driver rewrites the per-video table after every shard, so its chunks are a whole number of
-    # shards (~4096 videos): a mark touches a few KB, and reading the table stays a handful of files.
-    vchunk = max(1, min(n, int(shard_size) * max(1, 4096 // int(shard_size))))
-    group.create_array("videos/path", shape=(n,), dtype=str, chunks=(vchunk,))[:] = np.array(paths, dtype=object)
-    group.create_array("videos/label", data=np.asarray(labels, dtype=np.int32), chunks=(vchunk,))
-    group.create_array("videos/status", shape=(n,), dtype=np.uint8, chunks=(vchunk,), fill_value=PENDING)
-    group.create_array("videos/error", shape=(n,), dtype=str, chunks=(vchunk,), fill_value="")
-    group.create_array("videos/num_frames", shape=(n,), dtype=np.int32, chunks=(vchunk,), fill_value=0)
-    group.create_array("videos/fps", shape=(n,), dtype=np.float32, chunks=(vchunk,), fill_value=0.0)
-    compressors = _compressors(compressor)
+    chunk = (max(1, min(n, TABLE_CHUNK)),)
+
+    def column(name: str, **kw: Any) -> Any:
+        return group.create_array(name, chunks=kw.pop("chunks", chunk), chunk_key_encoding=flat, **kw)
+
+    column("paths", shape=(n,), dtype=str)[:] = np.array(paths, dtype=object)
+    column("labels", shape=(n,), dtype=np.int32)[:] = np.asarray(labels, dtype=np.int32)
+    column("status", shape=(n,), dtype=np.uint8, fill_value=PENDING)
+    column("errors", shape=(n,), dtype=str, fill_value="")
+    column("decode_meta", shape=(n, 2), dtype=np.float32, fill_value=0.0, chunks=(chunk[0], 2))
     for name, shape in tensor_shapes(attrs).items():
         group.create_array(
             name,
             shape=(n, v, *shape),
             dtype=attrs["dtype"],
             chunks=(1, 1, *shape),
-            shards=(int(shard_size), v, *shape),
-            compressors=compressors,
-            fill_value=0,
+            shards=(shard_size, v, *shape),
+            compressors=[*_compressors(compressor), Crc32cCodec()],
+            chunk_key_encoding=flat,
+            fill_value=float("nan"),  # never a real chunk: rows at the fill value are not stored
         )
     group.attrs["evl_cache"] = attrs
     return CacheStore(path, group)
 
 
-def _compressors(name: str | None) -> Any:
+def _compressors(name: str | None) -> list[Any]:
     if name in (None, "", "none"):
-        return None
+        return []
     from zarr.codecs import BloscCodec, ZstdCodec
 
     if name == "zstd":
-        return ZstdCodec(level=3)
+        return [ZstdCodec(level=3)]
     if name == "blosc":
-        return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=2)
+        return [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=2)]
     raise UserError(f"unknown compressor '{name}'; use none, zstd or blosc")
 
 
 def open_store(path: str, mode: str = "r") -> CacheStore:
     """Open an existing store, failing with one clear line if it is missing or not an evl-cache store."""
-    zarr = _zarr()
+    import zarr
+
     if "://" not in path and not Path(path, "zarr.json").is_file():
         raise UserError(f"no cache store at {path}; run `evl-cache extract` first or check the path")
     try:

@@ -76,8 +76,9 @@ def test_store_schema_shapes_and_statuses(zoo_run):
     assert a["blocks"] == [0, 1, 2] and a["attention"] == "maps" and a["dtype"] == "float16"
     assert a["num_views"] == 3 and a["views"]["temporal"] == 3 and a["sampling"]["stride"] == 2
     assert a["manifest_sha256"] == manifest.sha256() and a["class_names"] == ["left", "right"]
-    assert store.array("feats/2").shape == (len(manifest), 3, 4, 17, 64)
-    assert store.array("attn/0").shape == (len(manifest), 3, 2, 3, 16, 16)
+    assert a["backbone"]["precision"] == "fp32"  # auto on a machine without GPUs
+    assert store.array("feats").shape == (len(manifest), 3, 3, 4, 17, 64)
+    assert store.array("attn").shape == (len(manifest), 3, 3, 2, 3, 16, 16)
     status = store.status()
     assert list(status[:6]) == [DONE] * 6
     assert PENDING not in status
@@ -116,7 +117,7 @@ def test_bytes_on_disk_within_two_percent_of_raw_fp16(tmp_path):
     store = open_store(str(root / "store"))
     tensor_bytes = sum(p.stat().st_size for name in store.tensor_names() for p in (root / "store" / name).rglob("*") if p.is_file() and p.name != "zarr.json")
     raw = store.raw_bytes_per_view() * 8
-    assert raw <= tensor_bytes <= 1.02 * raw
+    assert raw <= tensor_bytes <= 1.02 * raw  # 4 bytes of crc32c per chunk, 16 bytes of index per chunk
 
 
 def test_cli_train_views_are_deterministic_and_resume_after_kill_is_byte_identical(tmp_path):
