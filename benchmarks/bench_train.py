@@ -37,8 +37,8 @@ from evl_cache.backbone import BackboneSpec, build_backbone  # noqa: E402
 from evl_cache.config import decoder_config_for_store, load_config  # noqa: E402
 from evl_cache.data import make_loader, measure_loader, measure_raw, to_device  # noqa: E402
 from evl_cache.decoder import EVLDecoder, count_parameters  # noqa: E402
-from evl_cache.extract import BackboneRunner, ExtractConfig, decode_video, store_attributes  # noqa: E402
-from evl_cache.store import create_store, open_store, shards_of, tensor_shapes  # noqa: E402
+from evl_cache.extract import BackboneRunner, ExtractConfig, extract_serially, store_attributes  # noqa: E402
+from evl_cache.store import create_store, open_store  # noqa: E402
 from evl_cache.video import Sampling, ViewSet, build_views  # noqa: E402
 
 # A width-192 ViT at 224 px (ViT-Ti-like: 12 blocks, 3 heads of 64): B/16's token grid at 1/4 the width.
@@ -71,12 +71,7 @@ def build_store(path: Path, paths: list[str], spec: BackboneSpec, sampling: Samp
     runner = BackboneRunner(spec.to_dict(), blocks, "maps", "float16", device=device)
     attrs = store_attributes(runner.backbone.describe(), runner.backbone.blocks, cfg, ["a", "b"], "bench", {})
     store = create_store(str(path), attrs, paths, [i % 2 for i in range(len(paths))], shard_size=8)
-    size = attrs["backbone"]["image_size"]
-    for shard, idx in shards_of(range(len(paths)), 8).items():
-        decoded = [decode_video(paths[i], Path(paths[i]).name, sampling, views, size, attrs["min_frames"]) for i in idx]
-        tensors, records = runner.compute(8, tensor_shapes(attrs), views.num_views, *decoded)
-        store.write_shard(shard, tensors)
-        store.mark({i: r for i, r in zip(idx, records)})
+    extract_serially(store, runner, paths, [Path(p).name for p in paths])
     return str(path)
 
 
@@ -205,11 +200,10 @@ def main() -> None:
     del iters
     med = {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in keys}
 
-    # the loader alone (fast single-read path and Zarr's generic path) vs plain reads of the shard files
+    # the loader alone (the store reader, checksums on) vs plain reads of the shard files
     thr = {}
     for nw in args.workers:
         thr[f"DataLoader, single-read chunks, {nw} worker(s)"] = measure_loader(store_path, args.batch, 6, num_workers=nw)
-    thr["DataLoader, zarr array reads, 0 workers"] = measure_loader(store_path, args.batch, 6, num_workers=0, fast=False)
     raw = measure_raw(store_path)
     thr["plain file reads of the shard files"] = raw
 

@@ -40,7 +40,7 @@ STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
 TABLE_ARRAYS = ("paths", "labels", "status", "errors", "decode_meta")
 TABLE_CHUNK = 4096  # videos per chunk of the per-video table: ~60 chunk files per column at K400 size
 DEFAULT_SHARD_MIB = 1024
-MAX_SHARD_VIDEOS = 4096
+MAX_SHARD_VIDEOS = 1024
 
 
 class StoreDataError(UserError):

@@ -87,7 +87,9 @@ class ExtractPlan:
     decoder_layers: int | None = None
     attention: str = "maps"
     dtype: str = "float16"
-    shard_size: int = 16
+    shard_size: int | None = None
+    shard_mib: float = 1024
+    decode_timeout: float = 120.0
     batch_size: int = 8
     quick_gelu: bool = True
     precision: str = "auto"
