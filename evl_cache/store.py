@@ -1,6 +1,6 @@
 """The cache store: a Zarr v3 group that is the contract between extraction and training.
 
-Layout (DESIGN.md): root attribute ``evl_cache`` holds the schema (backbone, blocks, frames,
+Layout (docs/design.md): root attribute ``evl_cache`` holds the schema (backbone, blocks, frames,
 sampling, views, attention mode, dtype, classes, manifest sha256); arrays hold N videos x V views:
 
 - ``videos/{path,label,status,error,num_frames,fps}``: per-video table, written by the driver only;
