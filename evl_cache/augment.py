@@ -1,6 +1,6 @@
 """Clip-consistent training augmentation: the EVL reference recipe, reproducible from a torch.Generator.
 
-The reference (EVL_REFERENCE.md, "Augmentation (impl)") trains on: RandAugment with the timm/SlowFast
+The reference (docs/reference.md, "Augmentation") trains on: RandAugment with the timm/SlowFast
 config "rand-m7-n4-mstd0.5-inc1" (4 ops, magnitude 7 +- 0.5, each op with p 0.5, the *increasing*
 op set, bicubic resampling, fill grey 128) applied at source resolution with the same ops and
 magnitudes for every frame of a clip; then normalise with the CLIP mean/std; then a

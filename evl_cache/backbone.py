@@ -3,7 +3,7 @@
 Built through open_clip's own config path (named architectures or a model-config JSON), so any ViT
 open_clip can build works. The wrapper calls open_clip's blocks unchanged for the block outputs;
 for the captured blocks it additionally projects LN1(input) with the block's own in-projection to
-get q and k, which is exactly what that block's self-attention computes (EVL_REFERENCE.md).
+get q and k, which is exactly what that block's self-attention computes (docs/reference.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The training recipe as dataclasses: YAML in and out, dotted overrides from the command line.
 
-Defaults are the EVL Kinetics-400 recipe (EVL_REFERENCE.md, "Training"). The decoder's shape (K
+Defaults are the EVL Kinetics-400 recipe (docs/reference.md, "Training"). The decoder's shape (K
 layers, width, heads, frames, grid, classes, attention input) is not chosen here: it comes from the
 cache store the model trains on. The ``model`` section may restate those values, and a store that
 disagrees with a restated value is refused (see `decoder_config_for_store`).

@@ -3,7 +3,7 @@
 A zero-initialised query token cross-attends, layer by layer, to the outputs of the last K frozen
 backbone blocks, each enriched by the three temporal modules (depthwise temporal conv, temporal
 position embedding, temporal cross attention). Numerics, widths and inits follow the reference
-implementation (shared/EVL_REFERENCE.md, "Decoder").
+implementation (docs/reference.md, "Decoder").
 
 The input is one batch dict, the contract shared with the cache reader and the online predict path:
   "feats": (B, K, T, L, C) block outputs, CLS token at index 0; decoder layer i reads feats[:, i].

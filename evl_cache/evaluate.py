@@ -1,6 +1,6 @@
 """Evaluation over a cache store: per-view softmax, averaged per video, then top-k and per-class accuracy.
 
-Video score = mean over the video's views of softmax(logits) (EVL_REFERENCE.md, "Evaluation").
+Video score = mean over the video's views of softmax(logits) (docs/reference.md, "Evaluation").
 Writes ``metrics.json``, ``predictions.csv`` and ``confusion_matrix.png``.
 """
 

@@ -1,7 +1,7 @@
 """Decoding with decord, frame sampling and view building: the only place pixels become tensors.
 
 Extraction and online prediction both call `build_views`, so the cached path and `predict` see
-identical inputs. Sampling follows the EVL reference implementation (EVL_REFERENCE.md):
+identical inputs. Sampling follows the EVL reference implementation (docs/reference.md):
 dense sampling with a stride (Kinetics) and segment sampling (SSv2).
 """
 

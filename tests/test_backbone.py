@@ -1,4 +1,4 @@
-"""The backbone wrapper against an independent recomputation from the raw weights (EVL_REFERENCE.md)."""
+"""The backbone wrapper against an independent recomputation from the raw weights (docs/reference.md)."""
 
 from __future__ import annotations
 

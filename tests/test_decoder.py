@@ -1,4 +1,4 @@
-"""EVLDecoder against an independent forward written from EVL_REFERENCE.md (no shared code).
+"""EVLDecoder against an independent forward written from docs/reference.md (no shared code).
 
 `reference_forward` reads parameters in the released EVL checkpoint layout (key names of the
 reference implementation, without the DDP prefix); test_checkpoints.py reuses it for import.

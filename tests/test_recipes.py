@@ -1,6 +1,6 @@
 """The recipes in pipelines/: configs agree with the paper, bad input fails in one line, stages resume.
 
-Fast tests check the Table 1 configs against EVL_REFERENCE facts, the missing-input failures of
+Fast tests check the Table 1 configs against the facts in docs/reference.md, the missing-input failures of
 reproduce-table1 (subprocess, as `make` runs it) and the stage ledger. The end-to-end runs
 (reproduce-table1 --smoke, the Table 8 recipe, the demo) are marked slow (`make test-slow`).
 """
@@ -25,7 +25,7 @@ from common import Ledger, extract_plan, load_recipe, run_config  # noqa: E402
 from evl_cache.errors import UserError  # noqa: E402
 from evl_cache.flops import TABLE1  # noqa: E402
 
-# (config, arch, frames, stride, eval grid, grad accumulation, paper top-1, paper GFLOPs) from EVL_REFERENCE.md
+# (config, arch, frames, stride, eval grid, grad accumulation, paper top-1, paper GFLOPs) from docs/reference.md
 TABLE1_ROWS = [
     ("k400_vitb16_8f", "ViT-B-16", 8, 16, (3, 1), 1, 82.9, 444),
     ("k400_vitb16_16f", "ViT-B-16", 16, 16, (1, 3), 1, 83.6, 888),
