@@ -218,6 +218,8 @@ def train(
     resume: bool = typer.Option(False, help="Continue the run in --out exactly where its last checkpoint left off."),
     until_step: int = typer.Option(None, help="Stop after this many steps in total (the schedule still spans --steps); resume later."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    allow_partial: bool = typer.Option(False, "--allow-partial",
+                                       help="Train on stores whose extraction has pending videos (data.allow_partial)."),
 ) -> None:
     """Train the EVL decoder by streaming a cache store."""
     from evl_cache.config import load_config
@@ -230,7 +232,9 @@ def train(
                                 ("train", "device", device), ("train", "seed", seed)):
         if value is not None:  # explicit flags win over the YAML and --set
             setattr(getattr(cfg, section), key, value)
-    summary = run_train(cfg, out, resume=resume, until_step=until_step, progress=progress)
+    if allow_partial:
+        cfg.data.allow_partial = True
+    summary = run_train(cfg, out, resume=resume, until_step=until_step, progress=progress, echo=typer.echo)
     for line in summary.lines():
         typer.echo(line)
 
@@ -243,15 +247,19 @@ def eval_(
     batch: int = typer.Option(64, help="Clip-views per decoder forward."),
     workers: int = typer.Option(0, help="DataLoader worker processes."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial",
+                                       help="Evaluate a store whose extraction has pending videos (on its done ones)."),
 ) -> None:
     """Evaluate a checkpoint on a cache store: mean softmax over views, top-1/top-5/per-class accuracy."""
+    from evl_cache.completeness import counts_text
     from evl_cache.evaluate import evaluate
 
-    m = evaluate(checkpoint, store, out, batch_size=batch, device=device, num_workers=workers)
+    m = evaluate(checkpoint, store, out, batch_size=batch, device=device, num_workers=workers, allow_partial=allow_partial)
     mean_class = m["mean_class_accuracy"]
+    counts = f"(store: {counts_text(m['store_videos'])})"
     typer.echo(f"{m['videos']} videos x {m['views']} views: top-1 {100 * m['top1']:.2f}%  top-{m['topk']} "
-               f"{100 * m['top5']:.2f}%  mean class {100 * mean_class:.2f}%" if m["top1"] is not None
-               else f"{m['videos']} labelled videos: no accuracy to report")
+               f"{100 * m['top5']:.2f}%  mean class {100 * mean_class:.2f}% {counts}" if m["top1"] is not None
+               else f"{m['videos']} labelled videos: no accuracy to report {counts}")
     if out is not None:
         typer.echo(f"wrote {out}/metrics.json, predictions.csv, confusion_matrix.png")
 
@@ -264,12 +272,15 @@ def predict(
     force: bool = typer.Option(False, help="Use --weights even if its sha256 differs from the recorded one."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
     topk: int = typer.Option(5, help="Classes to show per video."),
+    precision: str = typer.Option(None, help="Backbone precision: fp32, fp16, bf16 or auto (default: the precision "
+                                             "the checkpoint's training store was extracted in)."),
 ) -> None:
     """Classify videos end to end (decode, eval views, frozen backbone, decoder), no cache needed."""
     from evl_cache.predict import predict as run_predict
     from evl_cache.predict import render
 
-    preds = run_predict(checkpoint, video, weights_override=weights, device=device, topk=topk, force=force)
+    preds = run_predict(checkpoint, video, weights_override=weights, device=device, topk=topk, force=force,
+                        precision=precision)
     render(preds)
     failed = [p for p in preds if p.error]
     if failed:

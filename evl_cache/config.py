@@ -75,6 +75,7 @@ class DataConfig:
     num_workers: int = 4
     prefetch_factor: int = 2
     pin_memory: bool = True
+    allow_partial: bool = False  # use a store whose extraction has pending videos (see completeness.py)
 
 
 @dataclass
@@ -254,9 +255,40 @@ def decoder_config_for_store(model: ModelConfig, attrs: dict[str, Any], where: s
 PAIR_KEYS = ("backbone", "blocks", "frames", "tokens", "width", "grid", "attention", "sampling")
 
 
+def backbone_difference(mine: Any, theirs: Any, keys: list[str] | None = None) -> tuple[str, Any, Any] | None:
+    """The first backbone field two records disagree on, as (field, mine, theirs), or None.
+
+    Compared as `comparable_attr` does (the weights path is not compared). ``precision`` is the
+    resolved fp32/fp16/bf16 the features were computed in; a record without it (written before it
+    was recorded) is unknown there and not refused. ``keys`` limits the comparison (a checkpoint that
+    records only part of the backbone).
+    """
+    a, b = comparable_attr("backbone", mine), comparable_attr("backbone", theirs)
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return None if a == b else ("", a, b)
+    names = list(keys) if keys is not None else list(a) + [k for k in b if k not in a]
+    for name in names:
+        if name == "weights":
+            continue
+        if name == "precision" and (a.get(name) is None or b.get(name) is None):
+            continue
+        if a.get(name) != b.get(name):
+            return name, a.get(name), b.get(name)
+    return None
+
+
 def check_store_pair(train_attrs: dict[str, Any], other: dict[str, Any], where: str, what: str = "train store") -> None:
     """Refuse an eval/val store that was not extracted like the training store, naming the difference."""
     for key in PAIR_KEYS:
+        if key == "backbone":
+            diff = backbone_difference(train_attrs.get(key), other.get(key))
+            if diff is not None:
+                name, a, b = diff
+                fix = ("extract both stores with the same --precision (features of different precision differ)"
+                       if name == "precision" else "extract the store with the same backbone (arch, weights, quick_gelu)")
+                field_name = f"backbone.{name}" if name else "backbone"
+                raise UserError(f"store {where} has {field_name}={b!r} but the {what} has {field_name}={a!r}; {fix}")
+            continue
         a, b = comparable_attr(key, train_attrs.get(key)), comparable_attr(key, other.get(key))
         if a != b:
             raise UserError(
@@ -268,5 +300,3 @@ def check_store_pair(train_attrs: dict[str, Any], other: dict[str, Any], where: 
         detail = f"{n} classes vs {m}" if n != m else "the same number of classes in a different order/naming"
         raise UserError(f"store {where} has different class names than the {what} ({detail}); "
                         f"extract it with the same label set")
-
-

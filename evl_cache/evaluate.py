@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from evl_cache.config import PAIR_KEYS
+from evl_cache.completeness import require_complete, video_counts
+from evl_cache.config import PAIR_KEYS, backbone_difference
 from evl_cache.errors import UserError
 from evl_cache.store import comparable_attr, open_store
 
@@ -103,10 +104,18 @@ def check_store_fits(meta: dict[str, Any], attrs: dict[str, Any], num_classes: i
     for key in PAIR_KEYS:
         if key not in meta:
             continue
-        mine, theirs = comparable_attr(key, meta[key]), comparable_attr(key, attrs.get(key))
-        if isinstance(mine, dict) and isinstance(theirs, dict):
+        if key == "backbone" and isinstance(meta[key], dict):
             # an imported checkpoint may record only part of the backbone (e.g. its arch)
-            theirs = {k: theirs.get(k) for k in mine}
+            diff = backbone_difference(meta[key], attrs.get(key), keys=list(meta[key]))
+            if diff is not None:
+                name, mine, theirs = diff
+                fix = (f"evaluate on a store extracted with --precision {mine}" if name == "precision"
+                       else "evaluate on a store extracted with the same backbone")
+                field_name = f"backbone.{name}" if name else "backbone"
+                raise UserError(f"store {where} has {field_name}={theirs!r} but the checkpoint was trained with "
+                                f"{field_name}={mine!r}; {fix}")
+            continue
+        mine, theirs = comparable_attr(key, meta[key]), comparable_attr(key, attrs.get(key))
         if mine != theirs:
             raise UserError(
                 f"store {where} has {key}={attrs.get(key)!r} but the checkpoint was trained with "
@@ -122,9 +131,12 @@ def check_store_fits(meta: dict[str, Any], attrs: dict[str, Any], num_classes: i
 
 
 def evaluate(checkpoint: str | os.PathLike, store: str, out_dir: str | os.PathLike | None = None,
-             batch_size: int = 64, device: str | None = None, num_workers: int = 0) -> dict[str, Any]:
+             batch_size: int = 64, device: str | None = None, num_workers: int = 0,
+             allow_partial: bool = False) -> dict[str, Any]:
     """Evaluate a checkpoint on a store; with ``out_dir``, write metrics.json, predictions.csv and
-    confusion_matrix.png there. Returns the metrics dict."""
+    confusion_matrix.png there. Returns the metrics dict, whose ``store_videos`` says how many of
+    the store's videos are done (evaluated), failed (skipped) and pending (refused unless
+    ``allow_partial``)."""
     from evl_cache.backbone import resolve_device
     from evl_cache.checkpoints import load_checkpoint
 
@@ -132,14 +144,16 @@ def evaluate(checkpoint: str | os.PathLike, store: str, out_dir: str | os.PathLi
     model, meta = load_checkpoint(checkpoint, device=dev)
     st = open_store(store)
     check_store_fits(meta, st.attrs, model.cfg.num_classes, store)
-    if len(st.done_indices()) == 0:
+    counts = video_counts(st)
+    require_complete(counts, store, allow_partial)
+    if counts["done"] == 0:
         raise UserError(f"store {store} has no extracted videos; run `evl-cache extract` to completion first")
     probs, view_videos = collect_view_probs(model, store, batch_size, dev, num_workers)
     videos, scores = video_scores(probs, view_videos)
     labels = st.labels()[videos].astype(np.int64)
     names = st.class_names
     metrics = compute_metrics(scores, labels, names)
-    metrics.update(checkpoint=str(checkpoint), store=store, views=st.num_views)
+    metrics.update(checkpoint=str(checkpoint), store=store, views=st.num_views, store_videos=counts)
     if out_dir is not None:
         write_outputs(Path(out_dir), metrics, scores, videos, labels, st.paths(), names)
     return metrics

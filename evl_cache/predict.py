@@ -1,10 +1,10 @@
 """Online inference on video files: decode -> eval views -> frozen backbone -> decoder, no cache.
 
 Everything about the input pipeline comes from the checkpoint's meta (written by `train`): the
-backbone (architecture, weights identity, QuickGELU), the cached blocks and attention mode, the
-frame sampling and the evaluation view grid. The same `build_views` and backbone wrapper as
-extraction are used, so a video's logits here equal those of extract-then-decoder (up to the
-store's storage dtype). Video score = mean over views of softmax(logits).
+backbone (architecture, weights identity, QuickGELU, the precision its features were computed in),
+the cached blocks and attention mode, the frame sampling and the evaluation view grid. The same
+`build_views` and backbone wrapper as extraction are used, so a video's logits here equal those of
+extract-then-decoder (up to the store's storage dtype). Video score = mean over views of softmax(logits).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Predictor:
     """A loaded checkpoint plus the frozen backbone it was trained on, ready to score videos."""
 
     def __init__(self, checkpoint: str | os.PathLike, weights: str | None = None, device: str | None = None,
-                 force: bool = False, batch_size: int = 8, precision: str = "auto") -> None:
+                 force: bool = False, batch_size: int = 8, precision: str | None = None) -> None:
         from evl_cache.backbone import BackboneSpec, build_backbone, resolve_device
         from evl_cache.checkpoints import load_checkpoint
         from evl_cache.video import Sampling, ViewSet
@@ -61,9 +61,10 @@ class Predictor:
             raise UserError(f"the checkpoint's backbone weights {source} are not on this machine; "
                             f"pass --weights FILE (sha256 {recorded[:12]}...)")
         spec = BackboneSpec(arch=bb["arch"], weights=source, seed=seed, quick_gelu=bool(bb.get("quick_gelu", True)),
-                            precision=precision)
+                            precision=backbone_precision(bb, precision))
         backbone_attention = meta["attention"] if self.model.cfg.temporal_cross_attention else "none"
         self.backbone = build_backbone(spec, blocks=list(meta["blocks"]), attention=backbone_attention, device=self.device)
+        self.precision = spec.precision
         if self.backbone.weights_id != recorded and not force:
             raise UserError(f"weights {source} have identity {self.backbone.weights_id[:16]} but the checkpoint was "
                             f"trained on {recorded[:16]}; pass the matching --weights FILE (or --force to use these anyway)")
@@ -101,6 +102,14 @@ class Predictor:
         return Prediction(path=path, top=[(self.class_names[c], float(probs[c])) for c in order], probs=probs, logits=logits)
 
 
+def backbone_precision(backbone: dict[str, Any], override: str | None) -> str:
+    """The user's choice, else the precision the training store's features were computed in (the
+    decoder saw those numerics), else ``auto`` for checkpoints that predate recording it."""
+    if override is not None:
+        return override
+    return str(backbone.get("precision") or "auto")
+
+
 def list_videos(path: str | os.PathLike) -> list[str]:
     """A video file, or every video file under a folder (sorted)."""
     p = Path(path)
@@ -115,13 +124,14 @@ def list_videos(path: str | os.PathLike) -> list[str]:
 
 
 def predict(checkpoint: str | os.PathLike, video_path_or_folder: str | os.PathLike, weights_override: str | None = None,
-            device: str | None = None, topk: int = 5, force: bool = False, batch_size: int = 8) -> list[Prediction]:
+            device: str | None = None, topk: int = 5, force: bool = False, batch_size: int = 8,
+            precision: str | None = None) -> list[Prediction]:
     """Top-k classes (mean softmax over the checkpoint's eval views) for a video or every video in a folder.
 
     A video that cannot be decoded gets a `Prediction` with ``error`` set; the others still run.
     """
     videos = list_videos(video_path_or_folder)
-    predictor = Predictor(checkpoint, weights_override, device, force=force, batch_size=batch_size)
+    predictor = Predictor(checkpoint, weights_override, device, force=force, batch_size=batch_size, precision=precision)
     return [predictor(v, topk) for v in videos]
 
 

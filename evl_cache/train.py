@@ -26,13 +26,14 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from evl_cache.backbone import resolve_device
+from evl_cache.completeness import require_complete, store_line, video_counts
 from evl_cache.config import RunConfig, check_store_pair, decoder_config_for_store, save_config
 from evl_cache.errors import UserError
 from evl_cache.store import open_store
@@ -54,6 +55,7 @@ class TrainSummary:
     val_top1: float | None
     checkpoint: str | None
     plots: list[str] = field(default_factory=list)
+    store_videos: dict[str, dict[str, int]] = field(default_factory=dict)  # {"train"/"val": done/failed/pending}
 
     def lines(self) -> list[str]:
         out = [f"trained steps {self.start_step}..{self.steps} ({self.samples} clip-views) in {self.seconds:.1f} s "
@@ -191,11 +193,13 @@ def _read_metrics(path: Path, upto: int) -> list[dict[str, Any]]:
 
 
 def train(cfg: RunConfig, out_dir: str | os.PathLike, resume: bool = False, until_step: int | None = None,
-          progress: bool = True) -> TrainSummary:
+          progress: bool = True, echo: Callable[[str], None] | None = None) -> TrainSummary:
     """Train a decoder on ``cfg.data.train_store``, writing the run directory ``out_dir``.
 
     ``until_step`` stops early (after that many optimizer steps in total) as if interrupted: the
     cosine schedule still spans ``cfg.train.steps``, and `resume` continues from the last state.
+    A store with pending videos is refused unless ``cfg.data.allow_partial``; ``echo`` receives one
+    line per store with its done/failed/pending counts before training starts.
     """
     from evl_cache.checkpoints import save_checkpoint
     from evl_cache.data import make_loader, to_device
@@ -211,10 +215,15 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, resume: bool = False, unti
     store = open_store(cfg.data.train_store)
     attrs = store.attrs
     dcfg = decoder_config_for_store(cfg.model, attrs, cfg.data.train_store)
+    partial_flag = "--allow-partial (data.allow_partial: true)"
+    counts = {"train": video_counts(store)}
+    require_complete(counts["train"], cfg.data.train_store, cfg.data.allow_partial, partial_flag)
     val_attrs = None
     if cfg.data.val_store:
         val_store = open_store(cfg.data.val_store)
         check_store_pair(attrs, val_store.attrs, cfg.data.val_store)
+        counts["val"] = video_counts(val_store)
+        require_complete(counts["val"], cfg.data.val_store, cfg.data.allow_partial, partial_flag)
         val_attrs = val_store.attrs
         val_labels = val_store.labels()
     done = store.done_indices()
@@ -233,6 +242,10 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, resume: bool = False, unti
     saved = _load_state(state_path) if resume else None
     if saved is not None:
         _check_resume(saved, cfg, digest, out)
+    if echo is not None:
+        echo(store_line("train store", cfg.data.train_store, counts["train"]))
+        if "val" in counts:
+            echo(store_line("val store", cfg.data.val_store, counts["val"]))
 
     device = resolve_device(t.device)
     amp = resolve_amp(t.amp, device)
@@ -351,7 +364,7 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, resume: bool = False, unti
     samples = (end - start) * t.batch_size
     summary = TrainSummary(out_dir=str(out), steps=end, start_step=start, samples=samples, seconds=seconds,
                            samples_per_s=samples / seconds if seconds > 0 else 0.0, final_loss=last_loss,
-                           val_top1=last_val, checkpoint=last_ck, plots=plots)
+                           val_top1=last_val, checkpoint=last_ck, plots=plots, store_videos=counts)
     (out / "summary.json").write_text(json.dumps(summary.__dict__, indent=2) + "\n")
     return summary
 

@@ -55,6 +55,36 @@ def build_store(path: Path, paths: list[str], labels: list[int], views: ViewSet,
     return str(path)
 
 
+def copy_store(src: str, dst: Path) -> str:
+    """A private copy of a shared fixture store, for tests that edit its status or attributes."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def set_status(store_path: str, statuses: dict[int, int]) -> None:
+    """Set videos' extraction status (PENDING / DONE / FAILED): the one place tests write the
+    per-video table, through the store's own driver-side `mark`, so a layout change lands here only."""
+    from evl_cache.store import FAILED
+
+    store = open_store(store_path, mode="r+")
+    store.mark({i: {"status": code, "error": "test: marked failed" if code == FAILED else ""}
+                for i, code in statuses.items()})
+
+
+def set_precision(store_path: str, precision: str | None) -> None:
+    """Record (or, with None, remove as in stores written before it was recorded) the resolved
+    backbone precision in a store's root attributes."""
+    store = open_store(store_path, mode="r+")
+    attrs = dict(store.group.attrs["evl_cache"])
+    backbone = {k: v for k, v in attrs["backbone"].items() if k != "precision"}
+    if precision is not None:
+        backbone["precision"] = precision
+    attrs["backbone"] = backbone
+    store.group.attrs["evl_cache"] = attrs
+
+
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
@@ -222,8 +252,18 @@ def test_validation_metrics_logged(stores, tmp_path):
     s = train(cfg, tmp_path / "v", progress=False)
     recs = [json.loads(x) for x in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
     vals = [r for r in recs if "val_top1" in r]
-    assert len(vals) == 1 and vals[0]["step"] == 3 and 0.0 <= vals[0]["val_top1"] <= 1.0
+    assert len(vals) == 1 and vals[0]["step"] == 3
     assert s.val_top1 == vals[0]["val_top1"]
+    # recomputed independently: the step-3 decoder (saved as model.*) on each val video's cached views
+    from evl_cache.checkpoints import load_checkpoint
+    from test_predict import cached_logits
+
+    model, _ = load_checkpoint(tmp_path / "v" / "model")
+    scores = np.stack([cached_logits(model, stores["val"], v).softmax(-1).mean(0).numpy() for v in range(4)])
+    correct = scores.argmax(1) == np.array(stores["labels"][:4])
+    assert vals[0]["val_top1"] == pytest.approx(correct.mean())
+    per_class = [correct[np.array(stores["labels"][:4]) == c].mean() for c in (0, 1)]
+    assert vals[0]["val_mean_class"] == pytest.approx(np.mean(per_class))
     assert (tmp_path / "v" / "plots" / "val_accuracy.png").is_file()
     meta = json.loads((tmp_path / "v" / "model.json").read_text())["meta"]
     assert meta["eval_views"] == {"temporal": 2, "spatial": 1}  # the val store's grid
@@ -259,6 +299,63 @@ def test_attention_none_store_needs_tca_off(stores, tmp_path):
     assert train(cfg, tmp_path / "x", progress=False).steps == 2
 
 
+def test_stores_of_different_precision_are_refused(stores, tmp_path):
+    """Features computed in bf16 and fp16 differ; a train/val pair must share the recorded precision."""
+    t = copy_store(stores["train"], tmp_path / "t.zarr")
+    v = copy_store(stores["val"], tmp_path / "v.zarr")
+    set_precision(t, "bf16")
+    set_precision(v, "fp16")
+    cfg = tiny_cfg(stores, steps=1)
+    cfg.data.train_store, cfg.data.val_store = t, v
+    with pytest.raises(UserError, match=r"backbone.precision='fp16' but the train store has backbone.precision='bf16'; "
+                                        r"extract both stores with the same --precision"):
+        train(cfg, tmp_path / "a", progress=False)
+    assert not (tmp_path / "a").exists()
+    set_precision(v, None)  # a store written before precision was recorded: unknown, not refused
+    train(cfg, tmp_path / "b", progress=False)
+    meta = json.loads((tmp_path / "b" / "model.json").read_text())["meta"]
+    assert meta["backbone"]["precision"] == "bf16"  # checkpoint meta records the train store's precision
+
+
+def test_partial_stores_are_refused_unless_allowed(stores, tmp_path):
+    from evl_cache.store import FAILED, PENDING
+
+    t = copy_store(stores["train"], tmp_path / "t.zarr")
+    set_status(t, {1: PENDING, 6: PENDING, 3: FAILED})
+    cfg = tiny_cfg(stores, steps=2, log_every=1)
+    cfg.data.train_store = t
+    with pytest.raises(UserError, match=r"2 of 8 videos are still pending; finish it by rerunning the same "
+                                        r"`evl-cache extract` command .* or pass --allow-partial"):
+        train(cfg, tmp_path / "a", progress=False)
+    assert not (tmp_path / "a").exists()
+    cfg.data.allow_partial = True
+    lines: list[str] = []
+    summary = train(cfg, tmp_path / "a", progress=False, echo=lines.append)
+    assert summary.store_videos["train"] == {"total": 8, "done": 5, "failed": 1, "pending": 2}
+    assert lines == [f"train store {t}: 8 videos, 5 done, 1 failed, 2 pending; 1 failed videos are skipped; "
+                     f"2 pending videos are left out (--allow-partial)"]
+    recs = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["epoch"] == pytest.approx(4 / 5)  # an epoch is the 5 done videos
+    from typer.testing import CliRunner
+
+    from evl_cache.cli import app
+
+    args = ["train", "--train-store", t, "--steps", "1", "--batch", "4", "--workers", "0", "--no-progress"]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "c")])
+    assert isinstance(res.exception, UserError) and "--allow-partial" in str(res.exception)
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "d"), "--allow-partial"])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[0] == lines[0]
+    # a partial val store is refused too, and the flag is a config field recipes can set
+    v = copy_store(stores["val"], tmp_path / "v.zarr")
+    set_status(v, {0: PENDING})
+    cfg = tiny_cfg(stores, steps=1)
+    cfg.data.val_store = v
+    with pytest.raises(UserError, match=f"store {v} is partly extracted: 1 of 4"):
+        train(cfg, tmp_path / "b", progress=False)
+    assert load_config(None, ["data.allow_partial=true"]).data.allow_partial is True
+
+
 def open_state(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -286,10 +383,13 @@ def test_cli_train_eval_predict(stores, tmp_path):
                          "--steps", "4", "--batch", "4", "--workers", "0", "--no-progress", "--set", "train.eval_every=2"])
     assert res.exit_code == 0, res.output
     assert "trained steps 0..4" in res.output and "validation top-1" in res.output
+    assert f"train store {stores['train']}: 8 videos, 8 done, 0 failed, 0 pending" in res.output
+    assert f"val store {stores['val']}: 4 videos, 4 done, 0 failed, 0 pending" in res.output
     res = r.invoke(app, ["eval", "--checkpoint", str(tmp_path / "run" / "model"), "--store", stores["val"],
                          "--out", str(tmp_path / "ev"), "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert "4 videos x 2 views: top-1" in res.output and (tmp_path / "ev" / "confusion_matrix.png").is_file()
+    assert "(store: 4 done, 0 failed, 0 pending)" in res.output
     res = r.invoke(app, ["predict", "--checkpoint", str(tmp_path / "run" / "model.json"), stores["paths"][0], "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert "probability" in res.output and "left" in res.output and "right" in res.output
