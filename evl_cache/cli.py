@@ -355,7 +355,9 @@ def flops(
 def main() -> None:
     """Entry point: run the app, turning `UserError` into one clear line and a non-zero exit."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns typer.Exit's code instead of exiting
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as err:
         message = str(err).strip()
         if "Original Traceback" in message:  # raised in a DataLoader worker: keep the original line

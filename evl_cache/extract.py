@@ -236,7 +236,7 @@ def write_batches(store_path: str, shard: int, videos: list[int], keep: list[int
         tensors[name] = np.concatenate([t[name] for t, _ in batches if name in t and len(t[name])])
     store = open_store(store_path, mode="r+")
     if ok:
-        store.write_videos(shard, ok, tensors, keep=keep)
+        store.write_videos(shard, videos, ok, tensors, keep=keep)
     return dict(zip(videos, records))
 
 
@@ -502,10 +502,12 @@ def extract_serially(store: CacheStore, runner: BackboneRunner, paths: list[str]
     attrs = store.attrs
     views, sampling = ViewSet(**attrs["views"]), Sampling(**attrs["sampling"])
     size = attrs["backbone"]["image_size"]
-    todo = [int(i) for i in np.flatnonzero(store.status() != DONE)]
+    status = store.status()
     table = VideoTable(store)
-    for shard, videos in shards_of(todo, store.shard_size).items():
+    for shard, videos in shards_of(np.flatnonzero(status != DONE), store.shard_size).items():
         decoded = [decode_video(paths[i], keys[i], sampling, views, size, attrs["min_frames"]) for i in videos]
-        table.mark(write_batches(store.path, shard, videos, [], runner.compute(batch_size, *decoded)), shard)
+        lo = shard * store.shard_size
+        keep = [i for i in range(lo, min(lo + store.shard_size, store.num_videos)) if status[i] == DONE]
+        table.mark(write_batches(store.path, shard, videos, keep, runner.compute(batch_size, *decoded)), shard)
     table.flush()
 

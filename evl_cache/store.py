@@ -63,10 +63,12 @@ def tensor_shapes(attrs: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 def split_kinds(name: str, chunk: np.ndarray) -> dict[str, np.ndarray]:
-    """A tensor array's chunk as the decoder's input entries: ``qk`` splits into ``q`` and ``k``
-    (axis 1 of the (K, 2, ...) chunk); every other array is one entry of its own name."""
+    """A tensor array's chunk (or a batch of them) as the decoder's input entries: ``qk`` splits into
+    ``q`` and ``k`` along its pair axis ((..., K, 2, T, L, H, D): 5th from the end); every other array
+    is one entry of its own name."""
     if name == "qk":
-        return {"q": chunk[:, 0], "k": chunk[:, 1]}
+        rest = (slice(None),) * 4
+        return {"q": chunk[(Ellipsis, 0, *rest)], "k": chunk[(Ellipsis, 1, *rest)]}
     return {name: chunk}
 
 
@@ -345,32 +347,36 @@ class CacheStore:
         table.flush()
 
     # -- tensors ------------------------------------------------------------------------------
-    def write_videos(self, shard: int, videos: list[int], tensors: dict[str, np.ndarray],
+    def write_videos(self, shard: int, todo: list[int], videos: list[int], tensors: dict[str, np.ndarray],
                      keep: Iterable[int] = ()) -> list[str]:
-        """Write ``videos`` (global indices, all in ``shard``) of every tensor array, then fsync.
+        """Write ``videos`` (global indices in ``shard``, those of ``todo`` that succeeded), then fsync.
 
         ``tensors[name]`` has shape (len(videos), V, *chunk shape). ``keep`` lists the shard's done
         videos: their chunks must already be there, else `StoreDataError` (a retry never papers over
-        lost data), and they are kept byte for byte. With nothing to keep the shard file is written
-        in one go, the rows of videos not given left at the fill value, which Zarr does not store
-        (absent chunks). Otherwise each run of consecutive videos is one read-modify-write of the
-        shard file, which Zarr rebuilds from the existing chunk bytes. Every write is a temp file
-        renamed into place. Returns the shard files written.
+        lost data). When ``todo`` is the whole shard, its file is written in one go, the rows of
+        failed videos left at the fill value, which Zarr does not store (absent chunks). Otherwise
+        each run of consecutive videos is one read-modify-write of the shard file, which Zarr
+        rebuilds from the existing chunk bytes, so every other chunk keeps its bytes. Every write is
+        a temp file renamed into place. Returns the shard files written.
         """
         fault_point("shard_write", shard)
         lo = shard * self.shard_size
         hi = min(lo + self.shard_size, self.num_videos)
         keep = list(keep)
+        for name in self.tensor_names() if keep else []:  # check every array before writing any
+            reader = self.reader(name)
+            try:
+                index = reader.shard_index(shard)
+            except StoreDataError as err:
+                raise StoreDataError(f"done videos {keep[:5]} cannot be kept: {err}") from None
+            lost = [i for i in keep if int(index[i - lo, 0, 0]) == 2**64 - 1]
+            if lost:
+                raise StoreDataError(f"done videos {lost[:5]} have no '{name}' data in {reader.shard_file(shard)}")
         files = []
         for name in self.tensor_names():
-            reader = self.reader(name)
             arr = self.array(name)
             data = tensors[name].astype(arr.dtype, copy=False) if videos else None
-            if keep:
-                index = reader.shard_index(shard)
-                lost = [i for i in keep if int(index[i - lo, 0, 0]) == 2**64 - 1]
-                if lost:
-                    raise StoreDataError(f"done videos {lost[:5]} have no '{name}' data in {reader.shard_file(shard)}")
+            if sorted(todo) != list(range(lo, hi)):
                 for start, stop in consecutive_runs(videos):
                     first = videos.index(start)
                     arr[start:stop] = data[first:first + stop - start]
@@ -378,7 +384,7 @@ class CacheStore:
                 full = np.full((hi - lo, *arr.shape[1:]), arr.fill_value, dtype=arr.dtype)
                 full[np.asarray(videos) - lo] = data
                 arr[lo:hi] = full
-            files.append(reader.shard_file(shard))
+            files.append(self.reader(name).shard_file(shard))
         sync_files(f for f in files if os.path.exists(f))
         return files
 
