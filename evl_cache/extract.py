@@ -169,6 +169,9 @@ def decode_video(path: str, key: str, sampling: Sampling, views: ViewSet, size: 
     if not timeout:
         work()
         return result[0]
+    import decord  # noqa: F401 - a first import (seconds on a busy worker) must not count against the timeout
+
+    import evl_cache.augment  # noqa: F401
     thread = threading.Thread(target=work, name=f"decode {key}", daemon=True)
     thread.start()
     thread.join(timeout)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -120,35 +119,101 @@ def test_bytes_on_disk_within_two_percent_of_raw_fp16(tmp_path):
     assert raw <= tensor_bytes <= 1.02 * raw  # 4 bytes of crc32c per chunk, 16 bytes of index per chunk
 
 
-def test_cli_train_views_are_deterministic_and_resume_after_kill_is_byte_identical(tmp_path):
+def test_cli_kill_after_a_shard_write_resumes_byte_identical(tmp_path):
+    """Killed (a fault hook, not timing luck) after shard 2's files are durable and before its videos
+    are marked: they stay pending, and the rerun redoes them into a store byte-identical to an
+    uninterrupted run."""
     root = tmp_path / "data"
     csv_path = make_dataset(root, n_good=9)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
     ref = tmp_path / "ref.zarr"
-    subprocess.run(cli_args(root, csv_path, ref, "--views", "train:2", "--shard-size", "1"), check=True, env=env,
+    subprocess.run(cli_args(root, csv_path, ref, "--views", "train:2", "--shard-size", "2"), check=True, env=env,
                    capture_output=True)
-
     killed = tmp_path / "killed.zarr"
-    proc = subprocess.Popen(cli_args(root, csv_path, killed, "--views", "train:2", "--shard-size", "1"), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    done = 0
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-        try:
-            done = int((open_store(str(killed)).status() == DONE).sum())
-        except Exception:  # noqa: BLE001 - the store may not exist yet
-            continue
-        if done >= 2:
-            break
-    assert proc.poll() is None, "extraction finished before it could be killed; make the run longer"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert 2 <= int((open_store(str(killed)).status() == DONE).sum()) < 9
-    out = subprocess.run(cli_args(root, csv_path, killed, "--views", "train:2", "--shard-size", "1"), check=True,
+    proc = subprocess.run(cli_args(root, csv_path, killed, "--views", "train:2", "--shard-size", "2"),
+                          env=dict(env, EVL_CACHE_FAULT="after_shard_write@2=kill"), capture_output=True, text=True)
+    assert proc.returncode == 137, proc.stderr
+    store = open_store(str(killed))
+    assert list(store.status()[4:6]) == [PENDING, PENDING]
+    assert (killed / "feats" / "c.2.0.0.0.0.0").is_file()  # written and fsynced, not yet marked
+    out = subprocess.run(cli_args(root, csv_path, killed, "--views", "train:2", "--shard-size", "2"), check=True,
                          env=env, capture_output=True, text=True)
     assert "9/9 done" in out.stdout
     assert tree_bytes(killed) == tree_bytes(ref)
+
+
+@pytest.fixture
+def two_actor_ray(monkeypatch):
+    """An embedded Ray with 1 CPU and 2 (pretend) GPUs: two backbone actors, one CPU for decoding.
+    Before actors stopped reserving a CPU this shape hung forever. Workers inherit the environment
+    at start-up, so the decode fault is set first."""
+    import ray
+
+    from evl_cache.ray_runtime import _short_temp_dir
+
+    monkeypatch.setenv("EVL_CACHE_FAULT", "decode@good2.webm=hang")
+    ray.init(num_cpus=1, num_gpus=2, include_dashboard=False, _temp_dir=_short_temp_dir(),
+             _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.timeout(300)
+def test_one_cpu_two_actors_hanging_decode_times_out_and_tensors_are_exact(tmp_path, two_actor_ray):
+    root = tmp_path / "data"
+    csv_path = make_dataset(root, n_good=6)
+    manifest = load_manifest("list", str(root), "train", annotations=str(csv_path))
+    sampling = Sampling("dense", 4, 2)
+    cfg = ExtractConfig(backbone=BackboneSpec(TINY, "random", seed=3), sampling=sampling,
+                        views=ViewSet.parse("train:2", sampling), shard_size=4, batch_size=4, decode_timeout=15,
+                        progress=False)
+    summary = extract(manifest, str(root / "store"), cfg)
+    store = open_store(str(root / "store"))
+    assert summary.done == 5 and summary.failed == 1, summary.failures
+    assert store.status()[2] == FAILED and "timed out after 15 s" in store.errors()[2]
+    # the cached tensors are bit-identical to running the same work units on views built in one place
+    from evl_cache.extract import BackboneRunner
+    from evl_cache.video import PackedViews
+
+    runner = BackboneRunner(cfg.backbone.to_dict(), None, "maps", "float16", threads=4, device="cpu")
+    for pair in ((0, 1), (4, 5)):  # the same batches the driver formed (batch 4 clip-views = 2 videos)
+        ready = []
+        for video in pair:
+            views, meta = build_views(manifest.paths[video], sampling, cfg.views, 32, key=Path(manifest.paths[video]).name)
+            ready.append((PackedViews("train", 32, ready=views.numpy()), {"status": DONE, **meta}))
+        tensors, _ = runner.compute(4, *ready)
+        for j, video in enumerate(pair):
+            for v in range(2):
+                cached = store.read(video, v)
+                assert torch.equal(cached["feats"], torch.from_numpy(tensors["feats"][j, v]))
+                assert torch.equal(cached["attn"], torch.from_numpy(tensors["attn"][j, v]))
+    torch.set_num_threads(1)
+
+
+@pytest.mark.timeout(300)
+def test_retry_failed_redoes_only_failed_videos_and_never_touches_done_ones(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    csv_path = make_dataset(root, n_good=6)
+    manifest = load_manifest("list", str(root), "train", annotations=str(csv_path))
+    sampling = Sampling("dense", 4, 2)
+    cfg = ExtractConfig(backbone=BackboneSpec(TINY, "random", seed=3), sampling=sampling,
+                        views=ViewSet.parse("eval:1x1", sampling), shard_size=6, num_cpus=2, progress=False)
+    monkeypatch.setenv("EVL_CACHE_FAULT", "decode@good1.avi=raise")
+    extract(manifest, str(root / "store"), cfg)
+    store = open_store(str(root / "store"))
+    assert list(store.status()) == [DONE, FAILED, DONE, DONE, DONE, DONE]
+    before = {v: store.read(v, 0) for v in (0, 2, 3, 4, 5)}
+    monkeypatch.delenv("EVL_CACHE_FAULT")
+    (root / "good3.mp4").write_bytes(b"")  # a done video whose source is unreadable now
+    summary = extract(manifest, str(root / "store"), dataclasses.replace(cfg, retry_failed=True))
+    store = open_store(str(root / "store"))
+    assert list(store.status()) == [DONE] * 6 and summary.processed == 1
+    for v, old in before.items():
+        new = store.read(v, 0)
+        assert all(torch.equal(old[k], new[k]) for k in old), v
+    from evl_cache.verify import verify_store
+
+    assert verify_store(str(root / "store")).bad == []
 
 
 def test_bad_arguments_fail_fast_and_write_nothing(tmp_path):
