@@ -38,7 +38,8 @@ class BackboneSpec:
         ``.pt`` that is a known OpenAI CLIP release or explicitly trusted), ``openclip:<tag>`` for
         weights already in open_clip's local cache, or ``random`` (an explicit choice, seeded by
         ``seed``; never a silent fallback).
-    quick_gelu: OpenAI CLIP weights were trained with QuickGELU, so it is on by default.
+    quick_gelu: None = resolve it (`resolve_quick_gelu`): from open_clip's pretrained config for
+        ``openclip:<tag>``, on (OpenAI CLIP's activation) otherwise. True/False is the user's choice.
     precision: ``auto`` = fp16 on CUDA, fp32 on CPU; or ``fp32`` / ``fp16`` / ``bf16``.
     trust_torchscript: load a TorchScript archive that is not a known OpenAI release (it is code).
         A permission, not part of the weights' identity, so stores and checkpoints never record it.
@@ -47,7 +48,7 @@ class BackboneSpec:
     arch: str
     weights: str
     seed: int = 0
-    quick_gelu: bool = True
+    quick_gelu: bool | None = None
     precision: str = "auto"
     trust_torchscript: bool = False
 
@@ -58,6 +59,29 @@ class BackboneSpec:
     def from_dict(cls, d: dict[str, Any]) -> "BackboneSpec":
         keys = ("arch", "weights", "seed", "quick_gelu", "precision", "trust_torchscript")
         return cls(**{k: d[k] for k in keys if k in d})
+
+
+def openclip_quick_gelu(arch: str, tag: str) -> bool:
+    """Whether open_clip's pretrained weights ``arch``/``tag`` were trained with QuickGELU.
+
+    Read from open_clip's pretrained config (no download): a listed tag says so itself (absent
+    means GELU, as open_clip treats it); an unlisted one falls back to the model config's flag.
+    """
+    import open_clip
+
+    pretrained = open_clip.get_pretrained_cfg(arch, tag)
+    if pretrained:
+        return bool(pretrained.get("quick_gelu", False))
+    return bool(load_model_config(arch).get("quick_gelu", False))
+
+
+def resolve_quick_gelu(spec: BackboneSpec) -> bool:
+    """The activation the tower is built with: the user's explicit choice, else the weights' own."""
+    if spec.quick_gelu is not None:
+        return bool(spec.quick_gelu)
+    if spec.weights.startswith("openclip:"):
+        return openclip_quick_gelu(spec.arch, spec.weights.split(":", 1)[1])
+    return True  # local files and random towers default to OpenAI CLIP's QuickGELU
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -193,7 +217,7 @@ def build_visual_tower(spec: BackboneSpec, device: torch.device | str = "cpu") -
     dtype = _resolve_dtype(spec.precision, device)
     cfg = load_model_config(spec.arch)
     cast = dtype if dtype != torch.float32 else None
-    quick_gelu = spec.quick_gelu
+    quick_gelu = resolve_quick_gelu(spec)
     if spec.weights == "random":
         torch.manual_seed(spec.seed)
         identity = f"random:{spec.seed}"
@@ -276,7 +300,7 @@ class FrozenCLIPBackbone(nn.Module):
             "arch": self.spec.arch if self.spec else "custom",
             "weights": self.spec.weights if self.spec else "",
             "weights_id": self.weights_id,
-            "quick_gelu": bool(self.spec.quick_gelu) if self.spec else True,
+            "quick_gelu": resolve_quick_gelu(self.spec) if self.spec else True,
             "image_size": self.image_size,
             "patch_size": self.patch_size,
             "width": self.width,
