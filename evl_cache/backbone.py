@@ -9,9 +9,11 @@ get q and k, which is exactly what that block's self-attention computes (docs/re
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evl_cache.errors import UserError
+from evl_cache.known_weights import known_release
 
 ATTENTION_MODES = ("maps", "qk", "none")
 
@@ -31,25 +34,54 @@ class BackboneSpec:
 
     arch: an open_clip model name (``ViT-B-16``, ``ViT-L-14``, ``ViT-L-14-336``) or a path to an
         open_clip model-config JSON (``{"embed_dim": .., "vision_cfg": {..}}``) for small/custom ViTs.
-    weights: a local file (OpenAI TorchScript ``.pt``, open_clip/state-dict ``.pt``/``.bin``,
-        ``.safetensors``), ``openclip:<tag>`` for weights already in open_clip's local cache, or
-        ``random`` (an explicit choice, seeded by ``seed``; never a silent fallback).
-    quick_gelu: OpenAI CLIP weights were trained with QuickGELU, so it is on by default.
+    weights: a local file (``.safetensors``, open_clip/state-dict ``.pt``/``.bin``, or a TorchScript
+        ``.pt`` that is a known OpenAI CLIP release or explicitly trusted), ``openclip:<tag>`` for
+        weights already in open_clip's local cache, or ``random`` (an explicit choice, seeded by
+        ``seed``; never a silent fallback).
+    quick_gelu: None = resolve it (`resolve_quick_gelu`): from open_clip's pretrained config for
+        ``openclip:<tag>``, on (OpenAI CLIP's activation) otherwise. True/False is the user's choice.
     precision: ``auto`` = fp16 on CUDA, fp32 on CPU; or ``fp32`` / ``fp16`` / ``bf16``.
+    trust_torchscript: load a TorchScript archive that is not a known OpenAI release (it is code).
+        A permission, not part of the weights' identity, so stores and checkpoints never record it.
     """
 
     arch: str
     weights: str
     seed: int = 0
-    quick_gelu: bool = True
+    quick_gelu: bool | None = None
     precision: str = "auto"
+    trust_torchscript: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BackboneSpec":
-        return cls(**{k: d[k] for k in ("arch", "weights", "seed", "quick_gelu", "precision") if k in d})
+        keys = ("arch", "weights", "seed", "quick_gelu", "precision", "trust_torchscript")
+        return cls(**{k: d[k] for k in keys if k in d})
+
+
+def openclip_quick_gelu(arch: str, tag: str) -> bool:
+    """Whether open_clip's pretrained weights ``arch``/``tag`` were trained with QuickGELU.
+
+    Read from open_clip's pretrained config (no download): a listed tag says so itself (absent
+    means GELU, as open_clip treats it); an unlisted one falls back to the model config's flag.
+    """
+    import open_clip
+
+    pretrained = open_clip.get_pretrained_cfg(arch, tag)
+    if pretrained:
+        return bool(pretrained.get("quick_gelu", False))
+    return bool(load_model_config(arch).get("quick_gelu", False))
+
+
+def resolve_quick_gelu(spec: BackboneSpec) -> bool:
+    """The activation the tower is built with: the user's explicit choice, else the weights' own."""
+    if spec.quick_gelu is not None:
+        return bool(spec.quick_gelu)
+    if spec.weights.startswith("openclip:"):
+        return openclip_quick_gelu(spec.arch, spec.weights.split(":", 1)[1])
+    return True  # local files and random towers default to OpenAI CLIP's QuickGELU
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -97,28 +129,73 @@ def _resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return PRECISIONS[precision]
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read weights from an OpenAI TorchScript archive, a safetensors file or a torch state dict."""
+def is_torchscript_archive(path: Path) -> bool:
+    """True if ``path`` is a TorchScript archive, judged from the zip directory alone (nothing is
+    unpickled or run): TorchScript zips carry ``<name>/code/`` and ``<name>/constants.pkl``, which a
+    ``torch.save`` zip does not."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    for name in names:
+        parts = name.split("/")
+        if len(parts) >= 2 and (parts[1] == "code" or parts[1:] == ["constants.pkl"]):
+            return True
+    return False
+
+
+def _read_torchscript(path: Path, trust: bool) -> tuple[dict[str, torch.Tensor], str]:
+    """State dict and sha256 of a TorchScript archive, loaded only if trusted.
+
+    The bytes are hashed and loaded from one in-memory copy, so the file that is run is exactly
+    the file that was checked.
+    """
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if not trust and known_release(digest) is None:
+        raise UserError(
+            f"weights file {path} is a TorchScript archive (code, not only weights) and its sha256 "
+            f"{digest[:16]}... is not a known OpenAI CLIP release; pass --trust-torchscript if you trust "
+            f"its source, or convert it to safetensors or a torch state dict"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+        except (RuntimeError, ValueError) as err:
+            raise UserError(f"weights file {path} is a damaged TorchScript archive ({err.__class__.__name__}); "
+                            f"re-download it or convert it to safetensors") from err
+    return module.state_dict(), digest
+
+
+def _read_state_dict(path: Path, trust_torchscript: bool = False) -> tuple[dict[str, torch.Tensor], str]:
+    """(tensors, file sha256) from a safetensors file, a torch state dict or a trusted TorchScript archive.
+
+    safetensors and state dicts never run code (``weights_only=True``); a TorchScript archive does,
+    so it is detected without loading and refused unless it is a known OpenAI CLIP release
+    (`evl_cache.known_weights`) or ``trust_torchscript`` is set.
+    """
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    try:  # OpenAI's released CLIP files are TorchScript archives
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return torch.jit.load(str(path), map_location="cpu").state_dict()
-    except (RuntimeError, ValueError):
-        pass
+        try:
+            return load_file(str(path)), file_sha256(path)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise UserError(f"weights file {path} is not a readable safetensors file ({err}); check the path") from err
+    if is_torchscript_archive(path):
+        return _read_torchscript(path, trust_torchscript)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure here means an unreadable file
-        raise UserError(f"weights file {path} is not a TorchScript, safetensors or torch state-dict file ({err.__class__.__name__}); check the path") from err
+        raise UserError(f"weights file {path} is not a safetensors, torch state-dict or TorchScript file ({err.__class__.__name__}); check the path") from err
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
     if not isinstance(obj, dict):
         raise UserError(f"weights file {path} holds no state dict; save `model.state_dict()` or use the OpenAI .pt file")
-    return obj
+    return obj, file_sha256(path)
 
 
 def _visual_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -142,25 +219,27 @@ def build_visual_tower(spec: BackboneSpec, device: torch.device | str = "cpu") -
     dtype = _resolve_dtype(spec.precision, device)
     cfg = load_model_config(spec.arch)
     cast = dtype if dtype != torch.float32 else None
+    quick_gelu = resolve_quick_gelu(spec)
     if spec.weights == "random":
         torch.manual_seed(spec.seed)
         identity = f"random:{spec.seed}"
-        visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=spec.quick_gelu, cast_dtype=cast)
+        visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=quick_gelu, cast_dtype=cast)
     elif spec.weights.startswith("openclip:"):
         tag = spec.weights.split(":", 1)[1]
         try:
-            model = open_clip.create_model(spec.arch, pretrained=tag, force_quick_gelu=spec.quick_gelu, device="cpu")
+            model = open_clip.create_model(spec.arch, pretrained=tag, force_quick_gelu=quick_gelu, device="cpu")
         except Exception as err:  # noqa: BLE001 - offline or unknown tag
             raise UserError(f"open_clip pretrained weights '{spec.arch}/{tag}' are not available locally ({err.__class__.__name__}); download them first or pass --weights FILE") from err
-        visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=spec.quick_gelu, cast_dtype=cast)
+        visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=quick_gelu, cast_dtype=cast)
         visual.load_state_dict(model.visual.state_dict())
         identity = spec.weights
     else:
         path = Path(spec.weights)
         if not path.is_file():
             raise UserError(f"weights file {spec.weights} not found; pass a local CLIP checkpoint, openclip:<tag>, or 'random' explicitly")
-        visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=spec.quick_gelu, cast_dtype=cast)
-        sd = _visual_state_dict(_read_state_dict(path))
+        visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=quick_gelu, cast_dtype=cast)
+        raw, identity = _read_state_dict(path, spec.trust_torchscript)
+        sd = _visual_state_dict(raw)
         sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
         missing, unexpected = visual.load_state_dict(sd, strict=False)
         if missing or unexpected:
@@ -168,7 +247,6 @@ def build_visual_tower(spec: BackboneSpec, device: torch.device | str = "cpu") -
                 f"weights file {path} does not fit architecture {spec.arch} "
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]}); pass the matching --arch"
             )
-        identity = file_sha256(path)
     if dtype != torch.float32:
         convert_weights_to_lp(visual, dtype)
     visual.to(device).eval().requires_grad_(False)
@@ -224,7 +302,7 @@ class FrozenCLIPBackbone(nn.Module):
             "arch": self.spec.arch if self.spec else "custom",
             "weights": self.spec.weights if self.spec else "",
             "weights_id": self.weights_id,
-            "quick_gelu": bool(self.spec.quick_gelu) if self.spec else True,
+            "quick_gelu": resolve_quick_gelu(self.spec) if self.spec else True,
             "image_size": self.image_size,
             "patch_size": self.patch_size,
             "width": self.width,

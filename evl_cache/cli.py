@@ -58,6 +58,7 @@ def extract(
     seed: int = typer.Option(None, help="Seed for --weights random."),
     quick_gelu: bool = typer.Option(None, "--quick-gelu/--no-quick-gelu", help="QuickGELU (OpenAI CLIP) or GELU."),
     precision: str = typer.Option(None, help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16."),
+    trust_torchscript: bool = typer.Option(False, help="Load a TorchScript --weights file (it is code) that is not a known OpenAI CLIP release."),
     blocks: str = typer.Option(None, help="Comma-separated block indices to cache (default: the last --decoder-layers)."),
     decoder_layers: int = typer.Option(None, help="Cache the last K blocks (EVL: 4 for K400, all for SSv2)."),
     attention: str = typer.Option(None, help="maps (adjacent-frame attention maps), qk (raw q/k) or none."),
@@ -90,6 +91,7 @@ def extract(
         "frames": frames, "stride": stride, "views": views, "view_seed": view_seed, "dtype": dtype,
         "shard_size": shard_size, "shard_mib": shard_mib, "decode_timeout": decode_timeout, "batch_size": batch_size, "min_frames": min_frames, "compressor": compressor,
         "ray_address": ray_address, "num_cpus": num_cpus, "retry_failed": retry_failed or None,
+        "trust_torchscript": trust_torchscript or None,
     }
     settings = {**_config_defaults(config, "extract"), **{k: v for k, v in flags.items() if v is not None}}
     if not settings.get("dataset"):
@@ -270,6 +272,7 @@ def predict(
     video: Path = typer.Argument(..., help="A video file or a folder of videos."),
     weights: str = typer.Option(None, help="CLIP weights file, overriding the path recorded in the checkpoint."),
     force: bool = typer.Option(False, help="Use --weights even if its sha256 differs from the recorded one."),
+    trust_torchscript: bool = typer.Option(False, help="Load TorchScript backbone weights (code) that are not a known OpenAI CLIP release."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
     topk: int = typer.Option(5, help="Classes to show per video."),
     precision: str = typer.Option(None, help="Backbone precision: fp32, fp16, bf16 or auto (default: the precision "
@@ -280,7 +283,7 @@ def predict(
     from evl_cache.predict import render
 
     preds = run_predict(checkpoint, video, weights_override=weights, device=device, topk=topk, force=force,
-                        precision=precision)
+                        precision=precision, trust_torchscript=trust_torchscript)
     render(preds)
     failed = [p for p in preds if p.error]
     if failed:

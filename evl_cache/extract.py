@@ -81,7 +81,7 @@ class ExtractConfig:
         sampling = Sampling(g.get("sampling", "dense"), int(g.get("frames", 8)), int(g.get("stride", 16)))
         return cls(
             backbone=BackboneSpec(arch=g.get("arch", "ViT-B-16"), weights=str(g["weights"]), seed=int(g.get("seed", 0)),
-                                  quick_gelu=bool(g.get("quick_gelu", True)), precision=g.get("precision", "auto")),
+                                  quick_gelu=g.get("quick_gelu"), precision=g.get("precision", "auto"), trust_torchscript=bool(g.get("trust_torchscript", False))),
             sampling=sampling,
             views=ViewSet.parse(g.get("views", "eval"), sampling, seed=int(g.get("view_seed", 0))),
             blocks=parse_blocks(g.get("blocks"), g.get("decoder_layers")),

@@ -35,8 +35,12 @@ class Predictor:
     """A loaded checkpoint plus the frozen backbone it was trained on, ready to score videos."""
 
     def __init__(self, checkpoint: str | os.PathLike, weights: str | None = None, device: str | None = None,
-                 force: bool = False, batch_size: int = 8, precision: str | None = None) -> None:
-        from evl_cache.backbone import BackboneSpec, build_backbone, resolve_device
+                 force: bool = False, batch_size: int = 8, precision: str | None = None,
+                 trust_torchscript: bool = False) -> None:
+        """The checkpoint's json names the backbone weights; a local file is checked against the
+        recorded sha256 before anything is read from it, and a TorchScript file must pass the same
+        trust rule as in extraction (a known OpenAI release, or ``trust_torchscript``)."""
+        from evl_cache.backbone import BackboneSpec, build_backbone, file_sha256, resolve_device
         from evl_cache.checkpoints import load_checkpoint
         from evl_cache.video import Sampling, ViewSet
 
@@ -60,8 +64,13 @@ class Predictor:
         elif not (source == "random" or source.startswith("openclip:") or Path(source).is_file()):
             raise UserError(f"the checkpoint's backbone weights {source} are not on this machine; "
                             f"pass --weights FILE (sha256 {recorded[:12]}...)")
+        local = source != "random" and not source.startswith("openclip:")
+        actual = file_sha256(source) if local and not force else recorded
+        if actual != recorded:
+            raise UserError(f"weights {source} have sha256 {actual[:16]} but the checkpoint was trained on "
+                            f"{recorded[:16]}; pass the matching --weights FILE (or --force to use these anyway)")
         spec = BackboneSpec(arch=bb["arch"], weights=source, seed=seed, quick_gelu=bool(bb.get("quick_gelu", True)),
-                            precision=backbone_precision(bb, precision))
+                            precision=backbone_precision(bb, precision), trust_torchscript=trust_torchscript)
         backbone_attention = meta["attention"] if self.model.cfg.temporal_cross_attention else "none"
         self.backbone = build_backbone(spec, blocks=list(meta["blocks"]), attention=backbone_attention, device=self.device)
         self.precision = spec.precision
@@ -125,13 +134,14 @@ def list_videos(path: str | os.PathLike) -> list[str]:
 
 def predict(checkpoint: str | os.PathLike, video_path_or_folder: str | os.PathLike, weights_override: str | None = None,
             device: str | None = None, topk: int = 5, force: bool = False, batch_size: int = 8,
-            precision: str | None = None) -> list[Prediction]:
+            precision: str | None = None, trust_torchscript: bool = False) -> list[Prediction]:
     """Top-k classes (mean softmax over the checkpoint's eval views) for a video or every video in a folder.
 
     A video that cannot be decoded gets a `Prediction` with ``error`` set; the others still run.
     """
     videos = list_videos(video_path_or_folder)
-    predictor = Predictor(checkpoint, weights_override, device, force=force, batch_size=batch_size, precision=precision)
+    predictor = Predictor(checkpoint, weights_override, device, force=force, batch_size=batch_size, precision=precision,
+                          trust_torchscript=trust_torchscript)
     return [predictor(v, topk) for v in videos]
 
 

@@ -222,14 +222,18 @@ def normalise(frames: torch.Tensor) -> torch.Tensor:
 
 
 def resize_short_side(frames: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize of float (T, 3, H, W) so the short side equals ``size`` (reference eval)."""
+    """Bilinear resize of float (T, 3, H, W) so the short side equals ``size`` (reference eval).
+
+    The long side is ``long * size // short``, floored in integers as the reference computes it
+    (340x256 -> 297x224, not 298), so crops see the same pixels as the reference's.
+    """
     h, w = frames.shape[-2:]
     if min(h, w) == size:
         return frames
     if h <= w:
-        new_h, new_w = size, max(size, round(w * size / h))
+        new_h, new_w = size, w * size // h
     else:
-        new_h, new_w = max(size, round(h * size / w)), size
+        new_h, new_w = h * size // w, size
     return F.interpolate(frames, size=(new_h, new_w), mode="bilinear", align_corners=False)
 
 

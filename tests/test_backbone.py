@@ -129,7 +129,8 @@ def test_weight_files_load_with_sha_recorded(tmp_path, frames, fmt):
         save_file({f"visual.{k}": v.contiguous() for k, v in sd.items()}, str(path))
     else:
         torch.save(sd, path)
-    loaded = build_backbone(BackboneSpec(TINY, str(path)), attention="maps")
+    # a TorchScript archive is code: it loads only when trusted (tests/test_trust.py covers refusal)
+    loaded = build_backbone(BackboneSpec(TINY, str(path), trust_torchscript=fmt == "torchscript"), attention="maps")
     assert loaded.weights_id == file_sha256(path)
     ref = build_backbone(BackboneSpec(TINY, "random", seed=11), attention="maps")
     torch.testing.assert_close(loaded(frames)["feats"], ref(frames)["feats"])
