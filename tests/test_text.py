@@ -34,12 +34,13 @@ def clip_model(cfg: dict, seed: int = 0) -> open_clip.model.CLIP:
     return model.eval()
 
 
-def tiny_tokens(vocab: int, context: int, n: int = 5) -> torch.Tensor:
+def tiny_tokens(vocab: int, context: int, n: int = 5, last_end: int | None = None) -> torch.Tensor:
     """CLIP-shaped token rows for a small vocabulary: ids below vocab-1, the end token (vocab-1, the
-    largest id, where open_clip's argmax pooling reads) at a random position, zeros after it."""
+    largest id, where open_clip's argmax pooling reads) at a random position up to ``last_end``,
+    zeros after it."""
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(1, vocab - 1, (n, context), generator=g)
-    for row, end in enumerate(torch.randint(1, context, (n,), generator=g).tolist()):
+    for row, end in enumerate(torch.randint(1, (last_end or context - 1) + 1, (n,), generator=g).tolist()):
         tokens[row, end] = vocab - 1
         tokens[row, end + 1:] = 0
     return tokens
@@ -90,6 +91,29 @@ def test_text_tower_matches_open_clip_encode_text(tiny_cfg, tmp_path, layout):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert tower.logit_scale == pytest.approx(LOGIT_SCALE, rel=1e-6)
     assert tower.identity()["weights_id"] == file_sha256(path)
+
+
+@pytest.mark.parametrize("pool", ["argmax", "eos", "last"])
+def test_short_prompts_run_fewer_positions_with_the_same_result(tiny_cfg, tmp_path, pool):
+    """Cutting the padding after the pooled token is exact under the causal mask (argmax, eos pooling);
+    other pooling runs the full context. Both must equal open_clip's encode_text."""
+    cfg = json.loads(json.dumps(tiny_cfg))
+    cfg["text_cfg"].update(pool_type=pool, eos_id=63)
+    arch = tmp_path / "cfg.json"
+    arch.write_text(json.dumps(cfg))
+    model = clip_model(cfg, seed=7)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    tower = build_text_tower(BackboneSpec(arch=str(arch), weights=str(path)))
+    tokens = tiny_tokens(64, 16, n=6, last_end=6)
+    positions = tower._pooled_positions(tokens)
+    if pool == "last":
+        assert positions is None
+    else:
+        assert int(positions.max()) == 6  # runs 7 of 16 positions
+    with torch.no_grad():
+        expected = model.encode_text(tokens)
+    torch.testing.assert_close(tower.encode_tokens(tokens), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_text_tower_from_torchscript_archive(tiny_cfg, tmp_path):
