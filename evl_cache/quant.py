@@ -10,8 +10,11 @@ channels far larger than the rest (and, in large ViTs, a few high-norm tokens):
   (one (video, view) and one block in the store: the absmax runs over that chunk's T*L tokens).
   Outlier channels keep their own range; a high-norm token still stretches the range of every channel.
 - ``group``: one scale per G consecutive channels of each token (G = 32 or 64).
-- ``channel_token``: x is first divided by its per-channel absmax (per chunk), then each token by its
-  own absmax: survives both outlier channels and high-norm tokens for 2/C + 2/(T*L) bytes per element.
+- ``channel_token``: x is first divided by each channel's RMS over the chunk (equalising the channels),
+  then each token by its own absmax (so nothing clips): survives both outlier channels and high-norm
+  tokens for 2/C + 2/(T*L) bytes of scales per element. RMS rather than absmax for the channel factor:
+  a rare high-norm token sets a channel's absmax but barely moves its RMS, so ordinary tokens keep a
+  fine step (on the injected test data the worst token's cosine is 0.998 with RMS, 0.978 with absmax).
 
 Scales are stored as float16 (2 bytes each); the codes are computed against the already-rounded float16
 scale, so scale rounding adds no error. float8_e4m3 codes are torch.float8_e4m3fn bytes viewed as uint8
@@ -280,8 +283,8 @@ def encode_features(x: Tensor, fmt: FeatureFormat) -> QuantizedFeatures:
         s = _to_scale(g.abs().amax(-1, keepdim=True) / qmax)
         y = (g / s.float()).flatten(-2)
         scales["group"] = s.squeeze(-1)
-    else:  # channel_token: channel absmax first (outlier channels), then each token's own range
-        sc = _to_scale(xf.abs().amax(dim=(-3, -2), keepdim=True))
+    else:  # channel_token: equalise channels by their RMS over the chunk, then each token by its own absmax
+        sc = _to_scale(xf.square().mean(dim=(-3, -2), keepdim=True).sqrt())
         y = xf / sc.float()
         st = _to_scale(y.abs().amax(-1, keepdim=True) / qmax)
         y = y / st.float()
