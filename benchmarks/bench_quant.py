@@ -37,7 +37,7 @@ TINY = ROOT / "evl_cache" / "assets" / "tiny_vit"
 FEATURE_FORMATS = ["float16"] + [f"{d}:{g}" for d in ("int8", "float8_e4m3")
                                  for g in ("token", "channel", "group32", "group64", "channel_token")]
 TOPK = (8, 16, 32, 64)
-MAP_FORMATS = ["float16", "uint8:fixed", "uint8"] + [f"top{k}{v}" for k in TOPK for v in ("", ":uint8")]
+MAP_FORMATS = ["float16", "uint8:fixed", "uint8:row", "uint8"] + [f"top{k}{v}" for k in TOPK for v in ("", ":uint8")]
 # shapes for the bytes table: (name, T, grid side, width); last 4 blocks, one view
 SCHEMA_SHAPES = [("ViT-B/16 8f", 8, 14, 768), ("ViT-L/14 32f", 32, 16, 1024)]
 PLOT_TITLES = {"tiny": "tiny ViT (pretrained, committed)", "b16": "ViT-B/16 RANDOM init (no real CLIP weights here)",
@@ -111,6 +111,31 @@ def feature_metrics(x: torch.Tensor, fmt: FeatureFormat, outliers: torch.Tensor)
         "bytes_per_clip_view": fmt.nbytes(chunk),
         "bytes_per_element": fmt.nbytes(chunk) / float(np.prod(chunk)),
     }
+
+
+def gaussian_stress(tokens: int, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """Synthetic Gaussian features (2 clips, 2 blocks, T=4, L=tokens, C=256) with 4 channels x50 and
+    2% of tokens x10 (tests/test_quant.py builds the same kind of data)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 2, 4, tokens, 256, generator=gen)
+    chans = [3, 77, 150, 201]
+    x[..., chans] *= 50.0
+    hot = torch.rand(2, 2, 4, tokens, generator=gen) < 0.02
+    return x * torch.where(hot, 10.0, 1.0).unsqueeze(-1), chans
+
+
+def channel_factor_ablation(x: torch.Tensor, outliers: torch.Tensor) -> dict[str, dict[str, float]]:
+    """int8:channel_token with each channel equaliser (decode is the same for all three)."""
+    fmt = FeatureFormat.parse("int8:channel_token")
+    out = {}
+    for stat in ("geomean", "rms", "absmax"):
+        q = encode_features(x, fmt, channel_stat=stat)
+        y = decode_features(q.codes, q.scales, fmt)
+        cos = F.cosine_similarity(x, y, dim=-1)
+        bulk = F.cosine_similarity(x * ~outliers, y * ~outliers, dim=-1)
+        out[stat] = {"cos_min": cos.min().item(), "cos_mean": cos.mean().item(), "bulk_cos_min": bulk.min().item(),
+                     "rel_err": ((y - x).norm() / x.norm()).item()}
+    return out
 
 
 def channel_spread(x: torch.Tensor) -> dict[str, float]:
@@ -298,6 +323,13 @@ def main() -> None:
         for f in FEATURE_FORMATS:
             m = feature_metrics(x, FeatureFormat.parse(f), mask)
             feat_rows.append({"source": name, "format": f, **m})
+    ablation = {name: channel_factor_ablation(x, outlier_mask(x)) for name, x in sources.items()}
+    for tokens in (33, 197):
+        g, chans = gaussian_stress(tokens)
+        mask = torch.zeros(1, 1, 1, 1, g.shape[-1], dtype=torch.bool)
+        mask[..., chans] = True
+        ablation[f"gauss L={tokens} (synthetic)"] = channel_factor_ablation(g, mask)
+    report["channel_token_factor_ablation"] = ablation
     report["features"] = feat_rows
     report["outlier_channels_per_block"] = outlier_counts
     report["channel_range_across_clips"] = spread
@@ -340,13 +372,18 @@ def main() -> None:
     print(md_table(["source", "format", "B/elem", "bytes/clip-view", "cos mean", "cos min", "bulk cos mean", "bulk cos min", "max abs err", "max |x|", "rel err"],
                    [[r["source"], r["format"], r["bytes_per_element"], r["bytes_per_clip_view"], r["cos_mean"], r["cos_min"], r["bulk_cos_mean"],
                      r["bulk_cos_min"], r["max_abs_err"], r["max_abs_x"], r["rel_err"]] for r in feat_rows]))
+    print("\n## int8:channel_token: which per-channel equaliser (cos min / bulk cos min / rel err; geomean is the default)\n")
+    print(md_table(["source", "geomean = sqrt(rms*absmax)", "rms", "absmax"],
+                   [[n] + [f"{v[k]['cos_min']:.5f} / {v[k]['bulk_cos_min']:.5f} / {v[k]['rel_err']:.4f}" for k in ("geomean", "rms", "absmax")]
+                    for n, v in ablation.items()]))
     print("\n## A channel's absmax across clips (what one dataset-static per-channel scale would face)\n")
     print(md_table(["source", "clips", "median max/min", "p99 max/min", "frac of later clips' values beyond clip 0's absmax"],
                    [[n, s["clips"], s["median_max_over_min"], s["p99_max_over_min"], s["frac_beyond_clip0_absmax"]] for n, s in spread.items()]))
     print(f"\n## Codec time per clip-view on CPU ({big} shape, {args.threads} threads)\n")
     print(md_table(["format", "encode ms", "decode to fp16 ms"], [[f, v["encode"], v["decode_fp16"]] for f, v in report["codec_ms_per_clip_view_cpu"].items()]))
     print("\n## Attention maps vs float32 (TCA rel err: relative L2 error of the TCA readout with random tables; "
-          "w0 zero-mean N(0,1), w1 = N(0,1) + 1; 'rn' = rows renormalised to sum 1 at decode)\n")
+          "w0 zero-mean N(0,1), w1 = N(0,1) + 1; 'rn' = rows renormalised to sum 1 at decode; uint8 = sqrt-companded, "
+          "uint8:row = linear per-row scale, uint8:fixed = p*255; topK:uint8 values sqrt-companded)\n")
     print(md_table(["source", "format", "bytes/clip-view", "max abs err", "row L1 err", "|row sum-1|", "TCA w0", "TCA w0 rn", "TCA w1", "TCA w1 rn"],
                    [[r["source"], r["format"], r["bytes_per_clip_view"], r["max_abs_err"], r["row_l1_err"], r["row_sum_err"],
                      r["tca_rel_err_w0"], r["tca_rel_err_w0_renorm"], r["tca_rel_err_w1"], r["tca_rel_err_w1_renorm"]] for r in map_rows]))

@@ -10,11 +10,13 @@ channels far larger than the rest (and, in large ViTs, a few high-norm tokens):
   (one (video, view) and one block in the store: the absmax runs over that chunk's T*L tokens).
   Outlier channels keep their own range; a high-norm token still stretches the range of every channel.
 - ``group``: one scale per G consecutive channels of each token (G = 32 or 64).
-- ``channel_token``: x is first divided by each channel's RMS over the chunk (equalising the channels),
-  then each token by its own absmax (so nothing clips): survives both outlier channels and high-norm
-  tokens for 2/C + 2/(T*L) bytes of scales per element. RMS rather than absmax for the channel factor:
-  a rare high-norm token sets a channel's absmax but barely moves its RMS, so ordinary tokens keep a
-  fine step (on the injected test data the worst token's cosine is 0.998 with RMS, 0.978 with absmax).
+- ``channel_token``: x is first divided by a per-channel factor over the chunk (equalising the
+  channels), then each token by its own absmax (so nothing clips): survives both outlier channels and
+  high-norm tokens for 2/C + 2/(T*L) bytes of scales per element. The channel factor is the geometric
+  mean of the channel's RMS and absmax. Absmax alone lets a rare high-norm token set the factor, so
+  the chunk's ordinary tokens get a coarse step; RMS alone lets a spiky channel (small RMS, one large
+  value) dominate its token's range. The geometric mean halves both effects in log terms and was best
+  or near best on every measured case (the ablation table of benchmarks/bench_quant.py).
 
 Scales are stored as float16 (2 bytes each); the codes are computed against the already-rounded float16
 scale, so scale rounding adds no error. float8_e4m3 codes are torch.float8_e4m3fn bytes viewed as uint8
@@ -22,8 +24,10 @@ scale, so scale rounding adds no error. float8_e4m3 codes are torch.float8_e4m3f
 
 Attention maps: head-averaged softmax rows (..., P, P) that sum to 1, stored dense as float16 or uint8,
 or sparse as the K largest entries of each row with their column indices (uint8 for P <= 256, else
-int16). Dense uint8 defaults to a per-row scale (code = round(p / rowmax * 255)): with P = 196 the mean
-probability is 1/196 and a fixed step of 1/255 rounds most of a flat row to 0 or 1.
+int16). uint8 values are scaled per row by the row's largest probability s, and square-root companded
+(code = round(sqrt(p / s) * 255)): with P = 196 the mean probability is 1/196, and a fixed step of 1/255
+rounds most of a flat row to 0 or 1; a linear per-row step still rounds away the many small entries
+of a peaked row (measured in benchmarks/bench_quant.py).
 
 Decoding is vectorised and runs on whatever device the codes are moved to (``device=``), so a reader
 can ship the compact bytes to the GPU and expand them there.
@@ -43,7 +47,7 @@ from evl_cache.errors import UserError
 FEATURE_DTYPES = ("float16", "float32", "int8", "float8_e4m3")
 GRANULARITIES = ("token", "channel", "group", "channel_token")
 MAP_VALUES = ("float16", "uint8")
-MAP_SCALINGS = ("row", "fixed")
+MAP_SCALINGS = ("sqrt", "row", "fixed")
 
 INT8_MAX = 127.0
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -147,56 +151,59 @@ class FeatureFormat:
 class MapFormat:
     """How attention maps (..., P, P) are stored.
 
-    ``values``: float16 or uint8; ``topk``: 0 = dense, K = keep the K largest entries per row;
-    ``scaling`` (dense uint8 only): ``row`` = code round(p / rowmax * 255) with rowmax stored as float16,
-    ``fixed`` = code round(p * 255) (kept for comparison; it zeroes most entries of a flat row).
-    Top-k uint8 values are always row-scaled (by the row's largest entry, which is kept).
-    Written as text: ``float16``, ``uint8``, ``uint8:fixed``, ``top16``, ``top16:uint8``.
+    ``values``: float16 or uint8; ``topk``: 0 = dense, K = keep the K largest entries per row.
+    ``scaling`` (uint8 values only), with s = the row's largest probability stored as float16:
+    ``sqrt`` (default) = code round(sqrt(p / s) * 255), decoded s * (code / 255)^2: a finer step for the
+    many small probabilities of a peaked row, whose rounding otherwise loses mass;
+    ``row`` = code round(p / s * 255); ``fixed`` = code round(p * 255), no scale (dense only; kept for
+    comparison: it zeroes most entries of a flat row).
+    Written as text: ``float16``, ``uint8`` (= ``uint8:sqrt``), ``uint8:row``, ``uint8:fixed``,
+    ``top16`` (float16 values), ``top16:uint8``, ``top16:uint8:row``.
     """
 
     values: str = "float16"
     topk: int = 0
-    scaling: str = "row"
+    scaling: str = "sqrt"
 
     def __post_init__(self) -> None:
         if self.values not in MAP_VALUES:
             raise UserError(f"unknown attention-map dtype '{self.values}'; use float16 or uint8")
         if self.scaling not in MAP_SCALINGS:
-            raise UserError(f"unknown attention-map scaling '{self.scaling}'; use row or fixed")
+            raise UserError(f"unknown attention-map scaling '{self.scaling}'; use {', '.join(MAP_SCALINGS)}")
+        if self.values == "float16" and self.scaling != "sqrt":
+            raise UserError(f"float16 attention maps take no scaling; drop ':{self.scaling}'")
         if self.topk < 0:
             raise UserError(f"--attn-topk must be >= 1 (or 0 for dense maps), got {self.topk}")
-        if self.topk and self.scaling != "row":
-            raise UserError("top-k uint8 values are always row-scaled; drop ':fixed'")
+        if self.topk and self.scaling == "fixed":
+            raise UserError("top-k uint8 values are row-scaled (sqrt or row); drop ':fixed'")
 
     @property
     def name(self) -> str:
-        if self.topk:
-            return f"top{self.topk}" + (":uint8" if self.values == "uint8" else "")
-        if self.values == "uint8" and self.scaling == "fixed":
-            return "uint8:fixed"
-        return self.values
+        text = f"top{self.topk}" if self.topk else ""
+        if self.values == "uint8":
+            text += (":" if text else "") + "uint8" + ("" if self.scaling == "sqrt" else f":{self.scaling}")
+        return text or "float16"
 
     @classmethod
     def parse(cls, text: str) -> "MapFormat":
-        head, _, tail = text.strip().partition(":")
-        if head.startswith("top"):
+        parts = text.strip().split(":")
+        k = 0
+        if parts[0].startswith("top"):
             try:
-                k = int(head[3:])
+                k = int(parts[0][3:])
             except ValueError:
                 raise UserError(f"bad attention-map format '{text}'; write topK with an integer K, e.g. top16") from None
-            return cls(tail or "float16", k)
-        if tail == "fixed":
-            return cls(head, 0, "fixed")
-        if tail:
-            raise UserError(f"bad attention-map format '{text}'; use float16, uint8, uint8:fixed, topK or topK:uint8")
-        return cls(head)
+            parts = parts[1:] or ["float16"]
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "uint8"):
+            raise UserError(f"bad attention-map format '{text}'; use float16, uint8[:sqrt|row|fixed], topK or topK:uint8[:sqrt|row]")
+        return cls(parts[0], k, parts[1] if len(parts) == 2 else "sqrt")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MapFormat":
-        return cls(d.get("values", "float16"), int(d.get("topk", 0)), d.get("scaling", "row"))
+        return cls(d.get("values", "float16"), int(d.get("topk", 0)), d.get("scaling", "sqrt"))
 
     def kept(self, num_patches: int) -> int:
         """Entries stored per row: K capped at P (a larger K keeps the dense row)."""
@@ -210,7 +217,7 @@ class MapFormat:
         total = nrows * self.kept(p) * value_bytes
         if self.topk:
             total += nrows * self.kept(p) * index_dtype(p).itemsize
-        if self.values == "uint8" and self.scaling == "row":
+        if self.values == "uint8" and self.scaling != "fixed":
             total += nrows * 2
         return total
 
@@ -247,9 +254,24 @@ def _to_codes(y: Tensor, dtype: str) -> Tensor:
     return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
 
 
-def encode_features(x: Tensor, fmt: FeatureFormat) -> QuantizedFeatures:
+CHANNEL_STATS = ("geomean", "rms", "absmax")
+
+
+def _channel_factor(xf: Tensor, stat: str) -> Tensor:
+    """The per-chunk channel equaliser of ``channel_token``: sqrt(RMS * absmax), RMS or absmax."""
+    if stat not in CHANNEL_STATS:
+        raise UserError(f"unknown channel statistic '{stat}'; use one of {', '.join(CHANNEL_STATS)}")
+    if stat == "absmax":
+        return xf.abs().amax(dim=(-3, -2), keepdim=True)
+    rms = xf.square().mean(dim=(-3, -2), keepdim=True).sqrt()
+    return rms if stat == "rms" else (rms * xf.abs().amax(dim=(-3, -2), keepdim=True)).sqrt()
+
+
+def encode_features(x: Tensor, fmt: FeatureFormat, channel_stat: str = "geomean") -> QuantizedFeatures:
     """Encode block outputs x (..., T, L, C) in ``fmt``; scales are per leading index (per chunk).
 
+    ``channel_stat`` picks the channel equaliser of ``channel_token`` (kept selectable for the ablation
+    in benchmarks/bench_quant.py; decoding does not depend on it).
     Deterministic: the same x gives the same bytes. Refuses non-finite input and, for float16,
     values beyond float16's range (they would be stored as inf).
     """
@@ -284,7 +306,7 @@ def encode_features(x: Tensor, fmt: FeatureFormat) -> QuantizedFeatures:
         y = (g / s.float()).flatten(-2)
         scales["group"] = s.squeeze(-1)
     else:  # channel_token: equalise channels by their RMS over the chunk, then each token by its own absmax
-        sc = _to_scale(xf.square().mean(dim=(-3, -2), keepdim=True).sqrt())
+        sc = _to_scale(_channel_factor(xf, channel_stat))
         y = xf / sc.float()
         st = _to_scale(y.abs().amax(-1, keepdim=True) / qmax)
         y = y / st.float()
@@ -360,7 +382,10 @@ def encode_maps(a: Tensor, fmt: MapFormat) -> QuantizedMaps:
     if fmt.scaling == "fixed":
         return QuantizedMaps((af * 255.0).round_().clamp_(0, 255).to(torch.uint8), indices, {})
     s = _to_scale(af.amax(-1, keepdim=True))
-    codes = (af / s.float() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+    u = (af / s.float()).clamp_(0.0, 1.0)
+    if fmt.scaling == "sqrt":
+        u = u.sqrt_()
+    codes = (u * 255.0).round_().to(torch.uint8)
     return QuantizedMaps(codes, indices, {"row": s.squeeze(-1).contiguous()})
 
 
@@ -377,7 +402,9 @@ def decode_maps(enc: QuantizedMaps | tuple, fmt: MapFormat, out_dtype: torch.dty
         codes = codes.to(dev, non_blocking=True)
     if codes.dtype == torch.uint8:
         v = codes.float() / 255.0
-        if fmt.scaling == "row":
+        if fmt.scaling == "sqrt":
+            v = v.square()
+        if fmt.scaling != "fixed":
             row = _as_tensor(scales["row"])
             v = v * (row.to(dev, non_blocking=True) if dev is not None else row).float().unsqueeze(-1)
     else:

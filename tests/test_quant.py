@@ -14,14 +14,14 @@ ALL_FEATURE_FORMATS = ["float16", "float32"] + [f"{d}:{g}" for d in ("int8", "fl
                                                 for g in ("token", "channel", "group32", "group64", "channel_token")]
 
 
-def features(hot_tokens: bool = False, seed: int = 0) -> torch.Tensor:
-    """(clips=2, blocks=2, T=4, L=33, C=256) Gaussian features with 4 channels x50 (like CLIP's outlier
-    channels) and optionally 2% of tokens x10 (high-norm tokens)."""
+def features(hot_tokens: bool = False, seed: int = 0, tokens: int = 33) -> torch.Tensor:
+    """(clips=2, blocks=2, T=4, L=tokens, C=256) Gaussian features with 4 channels x50 (like CLIP's
+    outlier channels) and optionally 2% of tokens x10 (high-norm tokens)."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 2, 4, 33, 256, generator=gen)
+    x = torch.randn(2, 2, 4, tokens, 256, generator=gen)
     x[..., OUTLIERS] *= 50.0
     if hot_tokens:
-        hot = torch.rand(2, 2, 4, 33, generator=gen) < 0.02
+        hot = torch.rand(2, 2, 4, tokens, generator=gen) < 0.02
         hot[0, 0, 0, 5] = True
         x = x * torch.where(hot, 10.0, 1.0).unsqueeze(-1)
     return x
@@ -51,7 +51,7 @@ def test_per_channel_int8_survives_outlier_channels_where_per_token_fails():
 
 
 def test_channel_token_survives_high_norm_tokens_where_per_channel_does_not():
-    x = features(hot_tokens=True)
+    x = features(hot_tokens=True, tokens=197)
     chan, both = roundtrip(x, "int8:channel"), roundtrip(x, "int8:channel_token")
     # a hot token stretches its channels' range for every other token in the chunk
     assert F.cosine_similarity(x, chan, dim=-1).min() < 0.99
@@ -164,6 +164,16 @@ def test_bad_feature_input_is_refused():
         decode_features(q.codes, {}, FeatureFormat.parse("int8:channel"))
 
 
+def test_channel_token_factor_choices_all_decode_with_the_same_format():
+    x = features(hot_tokens=True)
+    fmt = FeatureFormat.parse("int8:channel_token")
+    for stat in ("geomean", "rms", "absmax"):
+        q = encode_features(x, fmt, channel_stat=stat)
+        assert F.cosine_similarity(x, decode_features(q.codes, q.scales, fmt), dim=-1).min() > 0.97, stat
+    with pytest.raises(UserError, match="channel statistic"):
+        encode_features(x, fmt, channel_stat="median")
+
+
 def test_zero_features_decode_to_zero():
     x = torch.zeros(1, 2, 5, 64)
     for name in ALL_FEATURE_FORMATS:
@@ -217,20 +227,44 @@ def test_topk_indices_widen_past_256_patches():
     assert fmt.nbytes(tuple(a.shape)) == q.codes.numel() + 2 * q.indices.numel() + 2 * 576
 
 
-def test_uint8_maps_row_scaled_beat_fixed_point_on_flat_rows():
-    a = (torch.randn(2, 2, 3, 196, 196) * 0.3).softmax(-1)  # nearly uniform rows: mean p = 1/196
-    out = {}
-    for name in ("uint8", "uint8:fixed"):
+def uint8_bound(a: torch.Tensor, scaling: str) -> torch.Tensor:
+    """Largest rounding error of one uint8 entry: half a step of the code, mapped back to p."""
+    s = a.amax(-1, keepdim=True)
+    if scaling == "fixed":
+        return torch.full_like(a, 1 / 510)
+    if scaling == "row":
+        return s / 510 + s * 2.0 ** -11  # + the float16 rounding of s
+    u = (a / s).sqrt()
+    return s * (2 * u / 510 + 1 / 510 ** 2) + s * 2.0 ** -10
+
+
+@pytest.mark.parametrize("scaling", ["sqrt", "row", "fixed"])
+def test_uint8_maps_decode_within_half_a_step(scaling):
+    a = maps()
+    fmt = MapFormat("uint8", 0, scaling)
+    q = encode_maps(a, fmt)
+    assert q.codes.dtype == torch.uint8 and q.codes.shape == a.shape
+    assert set(q.scales) == (set() if scaling == "fixed" else {"row"})
+    d = decode_maps(q, fmt, out_dtype=torch.float16, device=torch.device("cpu"))
+    assert d.shape == a.shape and d.dtype == torch.float16
+    d = decode_maps(q, fmt)
+    assert ((d - a).abs() <= uint8_bound(a, scaling) + 1e-7).all()
+    assert torch.allclose(decode_maps(q, fmt, renormalise=True).sum(-1), torch.ones(()), atol=1e-5)
+
+
+def test_uint8_row_scale_beats_fixed_point_on_flat_rows_and_sqrt_keeps_the_mass_of_peaked_rows():
+    def l1(a, name):
         fmt = MapFormat.parse(name)
-        q = encode_maps(a, fmt)
-        assert q.codes.dtype == torch.uint8 and q.codes.shape == a.shape
-        d = decode_maps(q, fmt, out_dtype=torch.float16, device=torch.device("cpu"))
-        assert d.shape == a.shape and d.dtype == torch.float16
-        d = decode_maps(q, fmt)
-        bound = (a.amax(-1, keepdim=True) * (1 + 1e-3) if name == "uint8" else 1.0) / 510 + 1e-7
-        assert ((d - a).abs() <= bound).all(), name
-        out[name] = (d - a).abs().sum(-1).mean()
-    assert out["uint8"] < out["uint8:fixed"] / 20
+        return (decode_maps(encode_maps(a, fmt), fmt) - a).abs().sum(-1).mean()
+
+    flat = (torch.randn(2, 2, 3, 196, 196, generator=torch.Generator().manual_seed(0)) * 0.3).softmax(-1)  # mean p = 1/196
+    assert l1(flat, "uint8:row") < l1(flat, "uint8:fixed") / 20
+    assert l1(flat, "uint8") < l1(flat, "uint8:fixed") / 20
+    peaked = (torch.randn(2, 2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 4.0).softmax(-1)
+    fmt_sqrt, fmt_row = MapFormat.parse("uint8"), MapFormat.parse("uint8:row")
+    mass = {n: (decode_maps(encode_maps(peaked, f), f).sum(-1) - 1).abs().mean() for n, f in (("sqrt", fmt_sqrt), ("row", fmt_row))}
+    assert l1(peaked, "uint8") < l1(peaked, "uint8:row")
+    assert mass["sqrt"] < mass["row"] / 2
 
 
 def test_map_bytes_and_names():
@@ -238,10 +272,12 @@ def test_map_bytes_and_names():
     rows = 4 * 2 * 7 * 196
     assert MapFormat.parse("float16").nbytes(shape) == rows * 196 * 2
     assert MapFormat.parse("uint8").nbytes(shape) == rows * (196 + 2)
+    assert MapFormat.parse("uint8:sqrt") == MapFormat.parse("uint8")
+    assert MapFormat.parse("uint8:row").nbytes(shape) == rows * (196 + 2)
     assert MapFormat.parse("uint8:fixed").nbytes(shape) == rows * 196
     assert MapFormat.parse("top16").nbytes(shape) == rows * 16 * 3
     assert MapFormat.parse("top16:uint8").nbytes(shape) == rows * (16 * 2 + 2)
-    for name in ("float16", "uint8", "uint8:fixed", "top16", "top16:uint8"):
+    for name in ("float16", "uint8", "uint8:row", "uint8:fixed", "top16", "top16:uint8", "top16:uint8:row"):
         fmt = MapFormat.parse(name)
         assert fmt.name == name and MapFormat.from_dict(fmt.to_dict()) == fmt
     a = maps()
@@ -254,6 +290,10 @@ def test_map_bytes_and_names():
         MapFormat.parse("topx")
     with pytest.raises(UserError, match="float16 or uint8"):
         MapFormat.parse("int4")
+    with pytest.raises(UserError, match="drop ':fixed'"):
+        MapFormat.parse("top8:uint8:fixed")
+    with pytest.raises(UserError, match="bad attention-map format"):
+        MapFormat.parse("float16:row")
 
 
 def test_map_encode_decode_is_deterministic():
