@@ -8,6 +8,10 @@ Sources of real-shaped data (last 4 blocks, one centre view per clip, 8 frames a
   b16+inj  the b16 features with INJECTED outliers: 4 channels x50 and 2% of patch tokens x10, the
            two phenomena of trained CLIP towers that neither a random init nor the tiny ViT shows.
 Every format is compared with the float32 output (the float16 row is the baseline's own error).
+Attention-map errors are also read through TCA (linear in the maps) with random relative-offset tables.
+Also: the channel_token equaliser ablation, how far a channel's range moves between clips (why scales
+are per chunk, not per dataset), CPU codec times, and bytes per clip-view of every format from the
+schema at ViT-B/16 8f and ViT-L/14 32f. About 70-85 s of CPU on 2 threads (more wall time on a busy machine).
 Prints markdown tables and writes quant.json and channel_absmax.png under --out.
 """
 

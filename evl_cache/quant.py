@@ -305,7 +305,7 @@ def encode_features(x: Tensor, fmt: FeatureFormat, channel_stat: str = "geomean"
         s = _to_scale(g.abs().amax(-1, keepdim=True) / qmax)
         y = (g / s.float()).flatten(-2)
         scales["group"] = s.squeeze(-1)
-    else:  # channel_token: equalise channels by their RMS over the chunk, then each token by its own absmax
+    else:  # channel_token: equalise the channels (chunk statistic), then each token by its own absmax
         sc = _to_scale(_channel_factor(xf, channel_stat))
         y = xf / sc.float()
         st = _to_scale(y.abs().amax(-1, keepdim=True) / qmax)
