@@ -268,8 +268,11 @@ def ensemble(pred_files: list[str | os.PathLike], out_dir: str | os.PathLike,
     if rule == "searched" and n == 2:
         from evl_cache.plots import plot_weight_curve
 
+        labels = [Path(inp["file"]).parent.name for inp in inputs]
+        if len(set(labels)) < 2 or not all(labels):  # e.g. two folders both named eval
+            labels = ["model 1", "model 2"]
         plot_weight_curve([c["weights"][0] for c in curve], [c["top1"] for c in curve], chosen[0],
-                          out / CURVE_PLOT, [Path(inp["file"]).parent.name or inp["file"] for inp in inputs])
+                          out / CURVE_PLOT, labels)
         files.append(CURVE_PLOT)
     record = {"inputs": inputs, "weights": list(chosen), "rule": rule,
               "tie_rule": "best val top-1, then nearest equal weights, then more weight on the earlier model",

@@ -167,6 +167,11 @@ def test_explicit_weights_via_cli(models, tmp_path):
     assert saved["top1"] == pytest.approx(expect["top1"]) and saved["confusion"] == expect["confusion"]
     assert f"{100 * expect['top1']:.2f}%" in lines[3]
     assert not (tmp_path / "e" / "val_top1_vs_weight.png").exists()
+    # --weights wins over --val: no search, the validation top-1 of the given weights is reported
+    val_y, val_a, val_b = models["val"]
+    r = ensemble([d["A"], d["B"]], tmp_path / "ev", val_files=[d["A_val"], d["B_val"]], weights="0.3,0.7")
+    assert r.rule == "explicit" and r.curve == [] and r.weights == pytest.approx((0.3, 0.7))
+    assert r.val_top1 == pytest.approx(float(((0.3 * val_a + 0.7 * val_b).argmax(1) == val_y).mean()))
 
 
 def test_no_val_no_weights_means_equal_weights(models, tmp_path):
