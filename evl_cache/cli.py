@@ -267,6 +267,25 @@ def eval_(
 
 
 @app.command()
+def ensemble(
+    preds: list[Path] = typer.Argument(..., help="Two or more eval output folders (or their scores.npz), one per model."),
+    out: Path = typer.Option(..., help="Write metrics.json, predictions.csv, scores.npz, confusion_matrix.png, ensemble.json here."),
+    val: list[Path] = typer.Option(None, "--val", help="The same models' predictions on a validation store, one --val per "
+                                                       "model in the same order: the weights are searched on them (0.1 grid)."),
+    weights: str = typer.Option(None, help="'equal' or one weight per model, e.g. 0.3,0.7 (normalised to sum 1); "
+                                           "default: searched with --val, else equal."),
+) -> None:
+    """Combine several models' video-level probabilities by a weighted mean (weights searched on validation)."""
+    from evl_cache.ensemble import ensemble as run_ensemble
+
+    result = run_ensemble(list(preds), out, list(val or []), weights)
+    for line in result.warnings:
+        typer.secho(f"warning: {line}", fg=typer.colors.YELLOW, err=True)
+    for line in result.lines():
+        typer.echo(line)
+
+
+@app.command()
 def predict(
     checkpoint: Path = typer.Option(..., help="Checkpoint written by train."),
     video: Path = typer.Argument(..., help="A video file or a folder of videos."),

@@ -1,7 +1,8 @@
 """Evaluation over a cache store: per-view softmax, averaged per video, then top-k and per-class accuracy.
 
 Video score = mean over the video's views of softmax(logits) (docs/reference.md, "Evaluation").
-Writes ``metrics.json``, ``predictions.csv`` and ``confusion_matrix.png``.
+Writes ``metrics.json``, ``predictions.csv``, ``scores.npz`` (the full video-level probabilities, which
+``evl-cache ensemble`` combines) and ``confusion_matrix.png``.
 """
 
 from __future__ import annotations
@@ -174,5 +175,29 @@ def write_outputs(out: Path, metrics: dict[str, Any], scores: np.ndarray, videos
             w.writerow([paths[vid], label, names[order[0]], f"{scores[row, order[0]]:.6f}",
                         ";".join(f"{names[c]}:{scores[row, c]:.4f}" for c in order)])
     os.replace(out / "predictions.csv.tmp", out / "predictions.csv")
+    write_scores(out / SCORES_FILE, metrics, scores, videos, labels, paths, names)
     plot_confusion(np.asarray(metrics["confusion"]), names, out / "confusion_matrix.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+SCORES_FILE = "scores.npz"
+SCORES_FORMAT = 1
+# keys of metrics.json copied into the scores file, so it says which model and store it came from
+_SOURCE_KEYS = ("checkpoint", "store", "views", "ensemble")
+
+
+def write_scores(path: Path, metrics: dict[str, Any], scores: np.ndarray, videos: np.ndarray, labels: np.ndarray,
+                 paths: list[str], names: list[str]) -> None:
+    """The (N, C) float32 video-level probabilities with everything needed to read them alone.
+
+    Arrays: ``scores`` (N, C) float32, ``video`` (N,) store index, ``path`` (N,) video path,
+    ``label`` (N,) class index or -1, ``class_names`` (C,), ``source`` (JSON: format and where the
+    scores came from). Strings are unicode arrays, so ``np.load(..., allow_pickle=False)`` reads it.
+    """
+    source = {"format": SCORES_FORMAT, **{k: metrics[k] for k in _SOURCE_KEYS if k in metrics}}
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, scores=np.asarray(scores, dtype=np.float32), video=np.asarray(videos, dtype=np.int64),
+             path=np.array([paths[v] for v in videos], dtype=str).reshape(-1),
+             label=np.asarray(labels, dtype=np.int64), class_names=np.array(names, dtype=str),
+             source=np.array(json.dumps(source, default=str)))
+    os.replace(tmp, path)

@@ -99,3 +99,28 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], path: str | Path)
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_weight_curve(ws: list[float], top1s: list[float], chosen: float, path: str | Path,
+                      names: list[str]) -> Path:
+    """Validation top-1 of a two-model ensemble against the first model's weight w, the chosen w marked."""
+    plt = _plt()
+    order = np.argsort(ws)
+    xs, ys = np.asarray(ws)[order], 100 * np.asarray(top1s)[order]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    ax.plot(xs, ys, marker="o", markersize=4)
+    best = float(ys[np.flatnonzero(np.isclose(xs, chosen))[0]]) if np.isclose(xs, chosen).any() else None
+    if best is not None:
+        ax.plot([chosen], [best], marker="*", markersize=14, color="tab:red", linestyle="none",
+                label=f"chosen w = {chosen:.1f} ({best:.2f}%)")
+        ax.legend()
+    ax.set_xlabel(f"w (score = w * {names[0]} + (1 - w) * {names[1]})")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title("ensemble weight search")
+    ax.set_xlim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
