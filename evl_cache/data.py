@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from evl_cache.store import CacheStore, StoreDataError, data_error_hint, open_store, split_kinds, tensor_shapes
+from evl_cache.formats import StoreFormats, torch_dtype
+from evl_cache.store import CacheStore, StoreDataError, data_error_hint, open_store, tensor_shapes
 
 
 class StoreDataset(Dataset):
@@ -35,8 +36,8 @@ class StoreDataset(Dataset):
         store = open_store(path)
         self.num_views = store.num_views
         self.num_videos = store.num_videos
-        self.names = store.tensor_names()
-        self.shapes = tensor_shapes(store.attrs)
+        self.formats = StoreFormats(store.attrs)
+        self.specs = self.formats.arrays()
         self.labels = torch.from_numpy(store.labels().astype(np.int64))
         self._store: CacheStore | None = None
         self._pid = -1
@@ -67,27 +68,26 @@ class StoreDataset(Dataset):
         store = self.store
         pairs = [divmod(int(i), self.num_views) for i in items]
         in_worker = torch.utils.data.get_worker_info() is not None
-        out: dict[str, torch.Tensor] = {}
-        for name in self.names:
+        out: dict[str, Any] = {}
+        for name, spec in self.specs.items():
             reader = store.reader(name)
-            dtype = torch.float16 if reader.dtype == np.float16 else torch.float32
-            shape = (len(pairs), *self.shapes[name])
+            shape = (len(pairs), *spec.shape)
             if in_worker:  # allocate in shared memory up front: handing the batch over costs no copy
-                storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * reader.dtype.itemsize)
-                tensor = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+                storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * spec.dtype.itemsize)
+                tensor = torch.empty(0, dtype=torch_dtype(spec.dtype)).set_(storage, 0, shape)
             else:
-                tensor = torch.empty(shape, dtype=dtype)
+                tensor = torch.empty(shape, dtype=torch_dtype(spec.dtype))
             arr = tensor.numpy()
             for b, (video, view) in enumerate(pairs):
                 try:
                     reader.read(video, view, out=arr[b])
                 except StoreDataError as err:
                     raise StoreDataError(data_error_hint(self.path, str(err))) from None
-            parts = split_kinds(name, tensor)
-            out.update(parts)
+            out[name] = tensor
         videos = torch.tensor([v for v, _ in pairs], dtype=torch.int64)
         out["label"] = self.labels[videos]
         out["video"] = videos
+        out["formats"] = self.formats  # the batch says how to decode itself (`to_device`)
         return out
 
     def __getstate__(self) -> dict[str, Any]:
@@ -166,8 +166,13 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers only copy bytes; leave the cores to the training step
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """Move a batch to ``device`` and decode its stored arrays there (int8 codes and scales cross to
+    the GPU at their stored size and expand on it): the decoder's ``feats``, ``attn`` | ``q``/``k``."""
+    formats = batch.get("formats")
+    if formats is None:
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return formats.decode({k: v for k, v in batch.items() if k != "formats"}, device)
 
 
 # ------------------------------------------------------------------------------ measurement

@@ -23,6 +23,7 @@ import numpy as np
 from evl_cache.backbone import BackboneSpec, build_backbone, default_device
 from evl_cache.errors import UserError
 from evl_cache.faults import fault_point
+from evl_cache.formats import StoreFormats, feature_format, map_format
 from evl_cache.store import (
     DEFAULT_SHARD_MIB,
     DONE,
@@ -43,7 +44,7 @@ from evl_cache.store import (
 from evl_cache.video import PackedViews, Sampling, VideoError, ViewSet, decode_views, finish_views
 
 # Attributes that must match for a rerun to resume into an existing store.
-RESUME_KEYS = ("backbone", "blocks", "frames", "sampling", "views", "num_views", "attention", "dtype",
+RESUME_KEYS = ("backbone", "blocks", "frames", "sampling", "views", "num_views", "attention", "dtype", "attn_format",
                "class_names", "manifest_sha256", "min_frames", "compressor")
 FLUSH_SECONDS = 5.0  # the driver writes its marks at most this often (and at the end)
 
@@ -58,6 +59,8 @@ class ExtractConfig:
     blocks: list[int] | None = None
     attention: str = "maps"
     dtype: str = "float16"
+    attn_dtype: str = "float16"
+    attn_topk: int = 0
     shard_size: int | None = None
     shard_mib: float = DEFAULT_SHARD_MIB
     batch_size: int = 8
@@ -86,6 +89,7 @@ class ExtractConfig:
             views=ViewSet.parse(g.get("views", "eval"), sampling, seed=int(g.get("view_seed", 0))),
             blocks=parse_blocks(g.get("blocks"), g.get("decoder_layers")),
             attention=g.get("attention", "maps"), dtype=g.get("dtype", "float16"),
+            attn_dtype=g.get("attn_dtype", "float16"), attn_topk=int(g.get("attn_topk", 0)),
             shard_size=int(g["shard_size"]) if g.get("shard_size") else None,
             shard_mib=float(g.get("shard_mib", DEFAULT_SHARD_MIB)), batch_size=int(g.get("batch_size", 8)),
             min_frames=g.get("min_frames"), compressor=g.get("compressor"), ray_address=g.get("ray_address"),
@@ -181,23 +185,30 @@ def decode_video(path: str, key: str, sampling: Sampling, views: ViewSet, size: 
 
 
 class BackboneRunner:
-    """Holds one backbone; turns decoded videos into the store's tensors (finishing uint8 views here)."""
+    """Holds one backbone; turns decoded videos into the store's arrays (finishing uint8 views and
+    encoding the storage formats here, next to the backbone)."""
 
     def __init__(self, spec: dict[str, Any], blocks: list[int] | None, attention: str, dtype: str,
-                 threads: int | None = None, device: str | None = None) -> None:
+                 threads: int | None = None, device: str | None = None, attn_format: str = "float16") -> None:
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         self.backbone = build_backbone(BackboneSpec.from_dict(spec), blocks=blocks, attention=attention,
                                        device=device or default_device())
-        self.dtype = np.dtype(dtype)
+        self.attention, self.dtype, self.attn_format = attention, dtype, attn_format
+
+    def formats(self, frames: int) -> StoreFormats:
+        desc = self.backbone.describe()
+        return StoreFormats({"frames": frames, "tokens": 1 + desc["grid"][0] * desc["grid"][1], "width": desc["width"],
+                             "heads": desc["heads"], "blocks": self.backbone.blocks, "attention": self.attention,
+                             "dtype": self.dtype, "attn_format": self.attn_format})
 
     def compute(self, batch_size: int, *decoded: tuple[PackedViews | None, dict[str, Any]]
                 ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
         """Run the backbone over every view of the decoded videos that have views.
 
-        Returns the store's tensors for those videos only, each (n_ok, V, *chunk shape), and one
+        Returns the store's arrays for those videos only, each (n_ok, V, *chunk shape), and one
         record per input. ``decoded`` arrive as top-level arguments so Ray hands them over resolved.
         """
         import torch
@@ -205,23 +216,20 @@ class BackboneRunner:
         ok = [i for i, (packed, _) in enumerate(decoded) if packed is not None]
         views = {i: finish_views(decoded[i][0]) for i in ok}
         items = [(j, v) for j, i in enumerate(ok) for v in range(views[i].shape[0])]
-        parts: dict[str, list[tuple[list[tuple[int, int]], np.ndarray]]] = {}
+        out: dict[str, np.ndarray] = {}
+        if not items:
+            return out, [meta for _, meta in decoded]
+        formats = self.formats(views[ok[0]].shape[1])
+        num_views = max(views[i].shape[0] for i in ok)
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             frames = torch.stack([views[ok[j]][v] for j, v in chunk])
-            for kind, tensor in self.backbone(frames).items():
-                parts.setdefault(kind, []).append((chunk, tensor.float().cpu().numpy()))
-        out: dict[str, np.ndarray] = {}
-        num_views = max((views[i].shape[0] for i in ok), default=0)
-        for kind, pieces in parts.items():
-            per_view = pieces[0][1].shape[1:]
-            arr = np.empty((len(ok), num_views, *per_view), dtype=self.dtype)
-            for chunk, values in pieces:
+            result = {k: t.float().cpu() for k, t in self.backbone(frames).items()}
+            for name, values in formats.encode(result).items():
+                if name not in out:
+                    out[name] = np.empty((len(ok), num_views, *values.shape[1:]), dtype=values.dtype)
                 for (j, v), value in zip(chunk, values):
-                    arr[j, v] = value
-            out[kind] = arr
-        if "q" in out:  # the store keeps q and k in one array, (K, 2, T, L, H, D) per view
-            out["qk"] = np.stack([out.pop("q"), out.pop("k")], axis=3)
+                    out[name][j, v] = value
         return out, [meta for _, meta in decoded]
 
 
@@ -263,7 +271,8 @@ def store_attributes(backbone_desc: dict[str, Any], blocks: list[int], cfg: Extr
         "views": cfg.views.to_dict(),
         "num_views": cfg.views.num_views,
         "attention": cfg.attention,
-        "dtype": cfg.dtype,
+        "dtype": feature_format(cfg.dtype),
+        "attn_format": map_format(cfg.attn_dtype, cfg.attn_topk),
         "min_frames": cfg.min_frames or cfg.sampling.frames,
         "compressor": cfg.compressor,
         "class_names": list(class_names),
@@ -319,8 +328,7 @@ def extract(manifest: Any, store_path: str, cfg: ExtractConfig) -> ExtractSummar
     """
     if len(manifest.paths) == 0:
         raise UserError("the manifest lists no videos; check --root/--annotations/--split")
-    if cfg.dtype not in ("float16", "float32"):
-        raise UserError(f"unknown --dtype '{cfg.dtype}'; use float16 or float32")
+    feature_format(cfg.dtype), map_format(cfg.attn_dtype, cfg.attn_topk)  # refuse a bad --dtype / --attn-* now
     if cfg.attention == "maps" and cfg.sampling.frames < 2:
         raise UserError("attention maps need at least 2 frames; use --frames >= 2 or --attention none")
     if cfg.decode_timeout <= 0:
@@ -387,12 +395,14 @@ class ShardRun:
         # tasks can never get, which hung a run whenever the cluster had no more CPUs than actors.
         if gpus:
             actor = ray.remote(num_gpus=1, num_cpus=0, max_restarts=2, max_task_retries=2)(BackboneRunner)
-            self.runners = [actor.remote(spec, self.blocks, cfg.attention, cfg.dtype, 4) for _ in range(gpus)]
+            self.runners = [actor.remote(spec, self.blocks, cfg.attention, self.attrs["dtype"], 4, None,
+                                         self.attrs["attn_format"]) for _ in range(gpus)]
         else:
             # One CPU actor whose threads may use every core: decode tasks time-share with it, which is
             # what gets a 2-core machine close to the serial bound 1/(1/decode + 1/backbone).
             actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)(BackboneRunner)
-            self.runners = [actor.remote(spec, self.blocks, cfg.attention, cfg.dtype, max(1, int(cpus)), "cpu")]
+            self.runners = [actor.remote(spec, self.blocks, cfg.attention, self.attrs["dtype"], max(1, int(cpus)), "cpu",
+                                         self.attrs["attn_format"])]
 
     def submit(self, shard: int, videos: list[int]) -> tuple[Any, list[Any], list[Any]]:
         """Queue one shard: decode tasks, backbone batches (round-robin over actors), the writer."""

@@ -9,7 +9,8 @@ sha256, shard size); arrays sit flat under the root, so a store has no nested di
   ``decode_meta`` (N, 2) float32 (frames in the file, fps);
 - tensors, one array per kind with every cached block inside one chunk: ``feats`` (N, V, K, T, L, C)
   block outputs (CLS included), and ``attn`` (N, V, K, 2, T-1, P, P) adjacent-frame maps (attention
-  ``maps``) or ``qk`` (N, V, K, 2, T, L, H, D) raw q and k (attention ``qk``).
+  ``maps``) or ``qk`` (N, V, K, 2, T, L, H, D) raw q and k (attention ``qk``); compact formats add
+  their scales and top-k indices as arrays of their own (`evl_cache.formats.StoreFormats`).
 
 Chunk = one (video, view); shard = S consecutive videos, one file per tensor array, written by
 exactly one task, so writers never share a file. Chunk keys use ``.`` separators (``c.7.0.0...``),
@@ -33,6 +34,7 @@ import torch
 
 from evl_cache.errors import UserError
 from evl_cache.faults import fault_point
+from evl_cache.formats import StoreFormats
 
 SCHEMA_VERSION = 2
 PENDING, DONE, FAILED = 0, 1, 2
@@ -51,32 +53,14 @@ class StoreDataError(UserError):
 
 
 def tensor_shapes(attrs: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Per-(video, view) shape of every tensor array the schema attributes name."""
-    t, length, c = attrs["frames"], attrs["tokens"], attrs["width"]
-    k, p, heads = len(attrs["blocks"]), length - 1, attrs["heads"]
-    shapes: dict[str, tuple[int, ...]] = {"feats": (k, t, length, c)}
-    if attrs["attention"] == "maps":
-        shapes["attn"] = (k, 2, max(t - 1, 0), p, p)
-    elif attrs["attention"] == "qk":
-        shapes["qk"] = (k, 2, t, length, heads, c // heads)
-    return shapes
-
-
-def split_kinds(name: str, chunk: np.ndarray) -> dict[str, np.ndarray]:
-    """A tensor array's chunk (or a batch of them) as the decoder's input entries: ``qk`` splits into
-    ``q`` and ``k`` along its pair axis ((..., K, 2, T, L, H, D): 5th from the end); every other array
-    is one entry of its own name."""
-    if name == "qk":
-        rest = (slice(None),) * 4
-        return {"q": chunk[(Ellipsis, 0, *rest)], "k": chunk[(Ellipsis, 1, *rest)]}
-    return {name: chunk}
+    """Per-(video, view) chunk shape of every stored tensor array (codes, scales, indices)."""
+    return {name: spec.shape for name, spec in StoreFormats(attrs).arrays().items()}
 
 
 def bytes_per_video(attrs: dict[str, Any]) -> dict[str, int]:
-    """Uncompressed bytes of one video (all V views) in each tensor array."""
-    itemsize = np.dtype(attrs["dtype"]).itemsize
+    """Stored (uncompressed) bytes of one video (all V views) in each tensor array."""
     v = int(attrs["num_views"])
-    return {name: v * int(np.prod(shape)) * itemsize for name, shape in tensor_shapes(attrs).items()}
+    return {name: v * int(np.prod(spec.shape)) * spec.dtype.itemsize for name, spec in StoreFormats(attrs).arrays().items()}
 
 
 def choose_shard_size(attrs: dict[str, Any], target_mib: float = DEFAULT_SHARD_MIB) -> int:
@@ -282,6 +266,7 @@ class CacheStore:
         self.attrs: dict[str, Any] = dict(group.attrs["evl_cache"])
         self._arrays: dict[str, Any] = {}
         self._readers: dict[str, ChunkReader] = {}
+        self.formats = StoreFormats(self.attrs)
 
     # -- schema -------------------------------------------------------------------------------
     @property
@@ -389,18 +374,19 @@ class CacheStore:
         return files
 
     def read(self, video: int, view: int) -> dict[str, torch.Tensor]:
-        """One (video, view) as the decoder's input dict (unbatched), tensors in the storage dtype.
+        """One (video, view) as the decoder's input dict (unbatched), on the CPU.
 
         ``feats`` (K, T, L, C); ``attn`` (K, 2, T-1, P, P) or ``q``/``k`` (K, T, L, H, D); ``label``.
+        Float formats come in their storage dtype, quantized ones decoded to float16.
         Raises `StoreDataError` naming the file and the fix if the chunk is absent or damaged.
         """
-        out: dict[str, torch.Tensor] = {}
+        stored: dict[str, torch.Tensor] = {}
         for name in self.tensor_names():
             try:
-                chunk = self.reader(name).read(video, view)
+                stored[name] = torch.from_numpy(self.reader(name).read(video, view)[None])
             except StoreDataError as err:
                 raise StoreDataError(data_error_hint(self.path, str(err))) from None
-            out.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in split_kinds(name, chunk).items()})
+        out = {k: v[0] for k, v in self.formats.decode(stored).items()}
         out["label"] = torch.tensor(int(self.array("labels")[video]))
         return out
 
@@ -422,7 +408,7 @@ class CacheStore:
         )
 
     def raw_bytes_per_view(self) -> int:
-        """Bytes of one (video, view)'s tensors in the storage dtype, uncompressed."""
+        """Stored bytes of one (video, view)'s arrays (codes, scales, indices), uncompressed."""
         return sum(bytes_per_video(self.attrs).values()) // self.num_views
 
 
@@ -505,22 +491,22 @@ def create_store(path: str, attrs: dict[str, Any], paths: list[str], labels: lis
     column("status", shape=(n,), dtype=np.uint8, fill_value=PENDING)
     column("errors", shape=(n,), dtype=str, fill_value="")
     column("decode_meta", shape=(n, 2), dtype=np.float32, fill_value=0.0, chunks=(chunk[0], 2))
-    for name, shape in tensor_shapes(attrs).items():
+    for name, spec in StoreFormats(attrs).arrays().items():
         group.create_array(
             name,
-            shape=(n, v, *shape),
-            dtype=attrs["dtype"],
-            chunks=(1, 1, *shape),
-            shards=(shard_size, v, *shape),
-            compressors=[*_compressors(compressor), Crc32cCodec()],
+            shape=(n, v, *spec.shape),
+            dtype=spec.dtype,
+            chunks=(1, 1, *spec.shape),
+            shards=(shard_size, v, *spec.shape),
+            compressors=[*_compressors(compressor, spec.dtype.itemsize), Crc32cCodec()],
             chunk_key_encoding=flat,
-            fill_value=float("nan"),  # never a real chunk: rows at the fill value are not stored
+            fill_value=spec.fill,  # NaN (floats): never a real chunk, so rows at the fill are not stored
         )
     group.attrs["evl_cache"] = attrs
     return CacheStore(path, group)
 
 
-def _compressors(name: str | None) -> list[Any]:
+def _compressors(name: str | None, typesize: int = 2) -> list[Any]:
     if name in (None, "", "none"):
         return []
     from zarr.codecs import BloscCodec, ZstdCodec
@@ -528,7 +514,7 @@ def _compressors(name: str | None) -> list[Any]:
     if name == "zstd":
         return [ZstdCodec(level=3)]
     if name == "blosc":
-        return [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=2)]
+        return [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=typesize)]
     raise UserError(f"unknown compressor '{name}'; use none, zstd or blosc")
 
 

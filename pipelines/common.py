@@ -87,6 +87,8 @@ class ExtractPlan:
     decoder_layers: int | None = None
     attention: str = "maps"
     dtype: str = "float16"
+    attn_dtype: str = "float16"
+    attn_topk: int = 0
     shard_size: int | None = None
     shard_mib: float = 1024
     decode_timeout: float = 120.0

@@ -1,0 +1,164 @@
+"""What a store holds, array by array, and how its stored bytes become the decoder's float inputs.
+
+A store declares its formats in its attributes: ``dtype`` (the features' `FeatureFormat`: float16,
+float32, int8:<scales>, float8_e4m3:<scales>) and ``attn_format`` (the maps' `MapFormat`: float16,
+uint8, topK[:uint8]). `StoreFormats` turns those into the list of stored arrays (codes, scales,
+top-k indices), encodes the backbone's float outputs on the extraction worker, and decodes a batch
+of stored arrays on the device where the batch lands, so it crosses PCIe at its stored size.
+Formats and their measured errors: docs/cache-format.md, benchmarks/bench_quant.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from evl_cache.quant import (
+    FeatureFormat,
+    MapFormat,
+    QuantizedMaps,
+    decode_features,
+    decode_maps,
+    encode_features,
+    encode_maps,
+    index_dtype,
+)
+
+SCALE_DTYPE = np.float16
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One stored array: per-(video, view) chunk shape, numpy dtype, and the fill value that marks
+    an absent chunk (rows at the fill value are not written)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fill: Any
+
+
+def _fill(dtype: np.dtype) -> Any:
+    return float("nan") if np.issubdtype(dtype, np.floating) else 0
+
+
+class StoreFormats:
+    """The stored arrays of a store and the encode/decode between them and the decoder's inputs."""
+
+    def __init__(self, attrs: dict[str, Any]) -> None:
+        self.features = FeatureFormat.parse(feature_format(attrs["dtype"]))
+        self.maps = MapFormat.parse(attrs.get("attn_format", "float16"))
+        t, length, c = attrs["frames"], attrs["tokens"], attrs["width"]
+        self.k, self.p, self.heads = len(attrs["blocks"]), length - 1, attrs["heads"]
+        self.feats_shape = (self.k, t, length, c)
+        self.maps_shape = (self.k, 2, max(t - 1, 0), self.p, self.p)
+        self.qk_shape = (self.k, 2, t, length, self.heads, c // self.heads)
+        self.attention = attrs["attention"]
+        if self.maps.values != "float16" or self.maps.topk:
+            if self.attention != "maps":
+                from evl_cache.errors import UserError
+
+                raise UserError(f"--attn-dtype/--attn-topk apply to attention maps; this store has attention '{self.attention}'")
+
+    # -- what is stored ---------------------------------------------------------------------------
+    def arrays(self) -> dict[str, ArraySpec]:
+        out: dict[str, ArraySpec] = {}
+        code = _np_dtype(self.features.code_dtype)
+        out["feats"] = ArraySpec(self.feats_shape, code, _fill(code))
+        for name, shape in self.features.scale_shapes(self.feats_shape).items():
+            out[f"feats_scale_{name}"] = ArraySpec(shape, np.dtype(SCALE_DTYPE), float("nan"))
+        if self.attention == "maps":
+            kept = self.maps.kept(self.p)
+            values = np.dtype(np.float16 if self.maps.values == "float16" else np.uint8)
+            out["attn"] = ArraySpec((*self.maps_shape[:-1], kept), values, _fill(values))
+            if self.maps.topk:
+                idx = index_dtype(self.p)
+                out["attn_index"] = ArraySpec((*self.maps_shape[:-1], kept), idx, 0)
+            if self.maps.values == "uint8" and self.maps.scaling != "fixed":
+                out["attn_scale_row"] = ArraySpec(self.maps_shape[:-1], np.dtype(SCALE_DTYPE), float("nan"))
+        elif self.attention == "qk":
+            qk = np.dtype(np.float32 if self.features.dtype == "float32" else np.float16)
+            out["qk"] = ArraySpec(self.qk_shape, qk, float("nan"))
+        return out
+
+    def bytes_per_view(self) -> int:
+        return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in self.arrays().values())
+
+    # -- worker side: float outputs -> stored arrays ---------------------------------------------------
+    def encode(self, outputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """The backbone's outputs for n clip-views (``feats`` (n, K, T, L, C), ``attn`` (n, K, 2, T-1, P, P)
+        or ``q``/``k``) -> stored arrays, each (n, *chunk shape)."""
+        out: dict[str, np.ndarray] = {}
+        qf = encode_features(outputs["feats"], self.features)
+        out["feats"] = qf.codes.cpu().numpy()
+        for name, scale in qf.scales.items():
+            out[f"feats_scale_{name}"] = scale.cpu().numpy()
+        if "attn" in outputs:
+            qm = encode_maps(outputs["attn"], self.maps)
+            out["attn"] = qm.codes.cpu().numpy()
+            if qm.indices is not None:
+                out["attn_index"] = qm.indices.cpu().numpy()
+            if "row" in qm.scales:
+                out["attn_scale_row"] = qm.scales["row"].cpu().numpy()
+        if "q" in outputs:
+            dtype = torch.float32 if self.features.dtype == "float32" else torch.float16
+            out["qk"] = torch.stack([outputs["q"], outputs["k"]], dim=2).to(dtype).cpu().numpy()
+        return out
+
+    # -- reader side: stored arrays -> decoder inputs ---------------------------------------------------
+    def decode(self, batch: dict[str, torch.Tensor], device: torch.device | str = "cpu",
+               out_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """A batch of stored arrays (each (B, *chunk shape)) -> ``feats``, ``attn`` | ``q``/``k`` on
+        ``device`` (plus the batch's other entries, moved). Float formats keep their dtype unless
+        ``out_dtype`` is given; quantized ones decode to ``out_dtype`` or float16."""
+        device = torch.device(device)
+        quant_dtype = out_dtype or torch.float16
+        scales = {k.removeprefix("feats_scale_"): v for k, v in batch.items() if k.startswith("feats_scale_")}
+        out: dict[str, torch.Tensor] = {}
+        feats = decode_features(batch["feats"], scales, self.features, quant_dtype, device) if self.features.quantized \
+            else batch["feats"].to(device, non_blocking=True)
+        out["feats"] = feats if out_dtype is None else feats.to(out_dtype)
+        if "attn" in batch:
+            if self.maps.values == "float16" and not self.maps.topk:
+                attn = batch["attn"].to(device, non_blocking=True)
+                out["attn"] = attn if out_dtype is None else attn.to(out_dtype)
+            else:
+                enc = QuantizedMaps(batch["attn"], batch.get("attn_index"),
+                                    {"row": batch["attn_scale_row"]} if "attn_scale_row" in batch else {})
+                out["attn"] = decode_maps(enc, self.maps, quant_dtype, device)
+        if "qk" in batch:
+            qk = batch["qk"].to(device, non_blocking=True)
+            if out_dtype is not None:
+                qk = qk.to(out_dtype)
+            out["q"], out["k"] = qk.select(-5, 0), qk.select(-5, 1)
+        stored = set(self.arrays())
+        for key, value in batch.items():
+            if key not in stored:
+                out[key] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        return out
+
+
+def feature_format(text: str) -> str:
+    """The canonical name of a feature format; bare ``int8`` / ``float8_e4m3`` take per-channel x
+    per-token scales (``channel_token``), the variant that survives CLIP's outlier channels and
+    high-norm tokens (benchmarks/bench_quant.py)."""
+    if text in ("int8", "float8_e4m3"):
+        text += ":channel_token"
+    return FeatureFormat.parse(text).name
+
+
+def map_format(values: str = "float16", topk: int = 0) -> str:
+    """The canonical name of an attention-map format from ``--attn-dtype`` and ``--attn-topk``."""
+    fmt = MapFormat.parse(values)
+    return MapFormat(fmt.values, int(topk or 0), fmt.scaling).name
+
+
+def torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+
+
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    return np.dtype({torch.float16: np.float16, torch.float32: np.float32, torch.int8: np.int8,
+                     torch.uint8: np.uint8}[dtype])

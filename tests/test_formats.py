@@ -1,0 +1,106 @@
+"""Compact storage formats end to end: a store declares its formats, extraction encodes next to the
+backbone, every reader decodes (on the device the batch lands on) to what a float16 store holds,
+within each format's measured error (benchmarks/bench_quant.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evl_cache.data import make_loader, to_device
+from evl_cache.errors import UserError
+from evl_cache.extract import BackboneRunner, ExtractConfig, extract_serially, store_attributes
+from evl_cache.formats import feature_format, map_format
+from evl_cache.store import create_store, open_store
+from evl_cache.verify import verify_store
+from evl_cache.video import ViewSet
+from test_train import SAMPLING, SPEC, write_videos
+
+VIEWS = ViewSet("train", count=2, temporal=1, spatial=1, seed=0)
+
+
+def build(path: Path, paths: list[str], dtype: str = "float16", attn_dtype: str = "float16", attn_topk: int = 0) -> str:
+    cfg = ExtractConfig(backbone=SPEC, sampling=SAMPLING, views=VIEWS, blocks=[1, 2], dtype=dtype,
+                        attn_dtype=attn_dtype, attn_topk=attn_topk, shard_size=3)
+    attrs_probe = BackboneRunner(SPEC.to_dict(), [1, 2], "maps", "float16", device="cpu").backbone.describe()
+    attrs = store_attributes(attrs_probe, [1, 2], cfg, ["left", "right"], "t", {})
+    runner = BackboneRunner(SPEC.to_dict(), [1, 2], "maps", attrs["dtype"], device="cpu", attn_format=attrs["attn_format"])
+    store = create_store(str(path), attrs, paths, [i % 2 for i in range(len(paths))], shard_size=3)
+    extract_serially(store, runner, paths, [Path(p).name for p in paths])
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("formats")
+    paths, _ = write_videos(root / "videos", 5)
+    return {
+        "fp16": build(root / "fp16.zarr", paths),
+        "int8": build(root / "int8.zarr", paths, dtype="int8", attn_dtype="uint8"),
+        "fp8": build(root / "fp8.zarr", paths, dtype="float8_e4m3"),
+        "top": build(root / "top.zarr", paths, attn_dtype="uint8", attn_topk=4),
+    }
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+def test_formats_are_recorded_and_arrays_declared(stores):
+    a = open_store(stores["int8"]).attrs
+    assert a["dtype"] == "int8:channel_token" and a["attn_format"] == "uint8"
+    assert open_store(stores["int8"]).tensor_names() == ["feats", "feats_scale_channel", "feats_scale_token", "attn", "attn_scale_row"]
+    assert open_store(stores["top"]).tensor_names() == ["feats", "attn", "attn_index", "attn_scale_row"]
+    assert open_store(stores["top"]).array("attn").shape[-1] == 4
+    fp16 = open_store(stores["fp16"]).raw_bytes_per_view()
+    k, t, length, c, p = 2, 4, 17, 64, 16  # codes 1 byte, scales float16 (per channel, per token, per map row)
+    int8 = k * t * length * c + 2 * k * c + 2 * k * t * length + k * 2 * (t - 1) * p * p + 2 * k * 2 * (t - 1) * p
+    assert open_store(stores["int8"]).raw_bytes_per_view() == int8 == 12688
+    assert fp16 == 2 * (k * t * length * c + k * 2 * (t - 1) * p * p) and int8 < 0.54 * fp16
+
+
+@pytest.mark.parametrize("name, min_cos", [("int8", 0.999), ("fp8", 0.995)])
+def test_quantized_features_decode_close_to_float16(stores, name, min_cos):
+    ref, q = open_store(stores["fp16"]), open_store(stores[name])
+    for video in range(5):
+        for view in range(2):
+            a, b = ref.read(video, view), q.read(video, view)
+            assert b["feats"].dtype == torch.float16 and b["feats"].shape == a["feats"].shape
+            assert float(cosine(a["feats"], b["feats"]).min()) > min_cos
+    assert verify_store(stores[name]).bad == []
+
+
+def test_uint8_and_topk_maps(stores):
+    ref, u8, top = open_store(stores["fp16"]), open_store(stores["int8"]), open_store(stores["top"])
+    a, b, c = ref.read(3, 1)["attn"].float(), u8.read(3, 1)["attn"].float(), top.read(3, 1)["attn"].float()
+    assert b.shape == a.shape == c.shape
+    assert float((a - b).abs().sum(-1).max()) < 0.02  # row L1 error of uint8 maps
+    assert int((c > 0).sum(-1).max()) <= 4  # top-k rows keep at most K entries
+    kept = a.topk(4, dim=-1).values.sum(-1)
+    assert torch.allclose(c.sum(-1), kept, atol=0.02)
+
+
+def test_loader_decodes_on_the_device_like_the_store(stores):
+    for name in ("int8", "top"):
+        st = open_store(stores[name])
+        for workers in (0, 1):
+            batch = next(iter(make_loader(stores[name], 4, train=False, num_workers=workers)))
+            assert batch["feats"].dtype in (torch.int8, torch.float16, torch.uint8)
+            decoded = to_device(batch, torch.device("cpu"))
+            for b, video in enumerate(batch["video"].tolist()):
+                view = b % 2
+                ref = st.read(video, view)
+                assert torch.equal(decoded["feats"][b], ref["feats"]) and torch.equal(decoded["attn"][b], ref["attn"])
+
+
+def test_bad_format_names_are_one_line_errors():
+    assert feature_format("int8") == "int8:channel_token" and feature_format("float16") == "float16"
+    assert map_format("uint8", 16) == "top16:uint8" and map_format() == "float16"
+    for bad in ("int4", "int8:rows"):
+        with pytest.raises(UserError):
+            feature_format(bad)
+    with pytest.raises(UserError):
+        map_format("bf16")
