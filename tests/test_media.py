@@ -101,7 +101,7 @@ def test_corrupt_middle_opens_then_decode_raises_decord_error(tmp_path):
     path = media.corrupt_middle(tmp_path / "m.mp4", n=24)
     vr = decord.VideoReader(str(path), num_threads=1)
     assert len(vr) == 24  # the index is intact, so the count looks healthy
-    assert vr[0].shape == (H, W, 3)  # frames before the damage decode
+    # (whether frame 0 alone decodes varies from run to run in decord, ~1 in 5 fails: not asserted)
     with pytest.raises(DECORDError):
         vr.get_batch(list(range(24))).asnumpy()
     assert not issubclass(DECORDError, RuntimeError)  # so catch Exception, not RuntimeError
