@@ -334,10 +334,31 @@ class FrozenCLIPBackbone(nn.Module):
     def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
         b, t = frames.shape[:2]
         x = frames.flatten(0, 1).to(device=self.device, dtype=self.dtype)
-        x = self.visual._embeds(x)
+        return self.run_blocks(self.visual._embeds(x), b, t, start=0)
+
+    @torch.no_grad()
+    def prefix(self, frames: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering the first captured block, (B, T, L, C): all the prefix layout
+        caches. Blocks from there on are recomputed in stage 2 (`forward_from`)."""
+        b, t = frames.shape[:2]
+        x = self.visual._embeds(frames.flatten(0, 1).to(device=self.device, dtype=self.dtype))
+        for block in self.visual.transformer.resblocks[: self.blocks[0]]:
+            x = block(x)
+        return x.view(b, t, *x.shape[1:])
+
+    @torch.no_grad()
+    def forward_from(self, prefix: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What `forward` returns, from the residual stream entering the first captured block (B, T, L, C)."""
+        b, t = prefix.shape[:2]
+        x = prefix.flatten(0, 1).to(device=self.device, dtype=self.dtype)
+        return self.run_blocks(x, b, t, start=self.blocks[0])
+
+    def run_blocks(self, x: torch.Tensor, b: int, t: int, start: int) -> dict[str, torch.Tensor]:
+        """Run blocks ``start`` .. the last captured one on x (B*T, L, C), capturing feats and attention."""
         capture = set(self.blocks)
         feats, qs, ks, maps = [], [], [], []
-        for i, block in enumerate(self.visual.transformer.resblocks[: self.blocks[-1] + 1]):
+        for i in range(start, self.blocks[-1] + 1):
+            block = self.visual.transformer.resblocks[i]
             if i in capture and self.attention != "none":
                 q, k = self._qk(block, x)
                 q = q.view(b, t, *q.shape[1:])

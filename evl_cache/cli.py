@@ -71,6 +71,8 @@ def extract(
                                          "scales; int8:channel, int8:group32, ... pick other scales)."),
     attn_dtype: str = typer.Option(None, help="Attention-map storage: float16 or uint8 (row-scaled, sqrt companded)."),
     attn_topk: int = typer.Option(None, help="Keep only the K largest probabilities per attention-map row (0: all)."),
+    layout: str = typer.Option(None, help="full (cache the decoder's inputs) or prefix (cache the stream entering the first "
+                                          "decoder block; stage 2 recomputes the tail blocks, weights kept in the store)."),
     shard_size: int = typer.Option(None, help="Videos per shard file (default: chosen by --shard-mib)."),
     shard_mib: float = typer.Option(None, help="Target size of one shard file in MiB (default 1024)."),
     decode_timeout: float = typer.Option(None, help="Seconds before a hanging decode is recorded as failed (default 120)."),
@@ -92,7 +94,7 @@ def extract(
         "arch": arch, "weights": weights, "seed": seed, "quick_gelu": quick_gelu, "precision": precision,
         "blocks": blocks, "decoder_layers": decoder_layers, "attention": attention, "sampling": sampling,
         "frames": frames, "stride": stride, "views": views, "view_seed": view_seed, "dtype": dtype,
-        "attn_dtype": attn_dtype, "attn_topk": attn_topk,
+        "attn_dtype": attn_dtype, "attn_topk": attn_topk, "layout": layout,
         "shard_size": shard_size, "shard_mib": shard_mib, "decode_timeout": decode_timeout, "batch_size": batch_size, "min_frames": min_frames, "compressor": compressor,
         "ray_address": ray_address, "num_cpus": num_cpus, "retry_failed": retry_failed or None,
         "trust_torchscript": trust_torchscript or None,

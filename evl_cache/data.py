@@ -36,7 +36,7 @@ class StoreDataset(Dataset):
         store = open_store(path)
         self.num_views = store.num_views
         self.num_videos = store.num_videos
-        self.formats = StoreFormats(store.attrs)
+        self.formats = StoreFormats(store.attrs, path)
         self.specs = self.formats.arrays()
         self.labels = torch.from_numpy(store.labels().astype(np.int64))
         self._store: CacheStore | None = None

@@ -44,7 +44,7 @@ from evl_cache.store import (
 from evl_cache.video import PackedViews, Sampling, VideoError, ViewSet, decode_views, finish_views
 
 # Attributes that must match for a rerun to resume into an existing store.
-RESUME_KEYS = ("backbone", "blocks", "frames", "sampling", "views", "num_views", "attention", "dtype", "attn_format",
+RESUME_KEYS = ("backbone", "blocks", "frames", "sampling", "views", "num_views", "attention", "dtype", "attn_format", "layout",
                "class_names", "manifest_sha256", "min_frames", "compressor")
 FLUSH_SECONDS = 5.0  # the driver writes its marks at most this often (and at the end)
 
@@ -61,6 +61,7 @@ class ExtractConfig:
     dtype: str = "float16"
     attn_dtype: str = "float16"
     attn_topk: int = 0
+    layout: str = "full"
     shard_size: int | None = None
     shard_mib: float = DEFAULT_SHARD_MIB
     batch_size: int = 8
@@ -89,7 +90,7 @@ class ExtractConfig:
             views=ViewSet.parse(g.get("views", "eval"), sampling, seed=int(g.get("view_seed", 0))),
             blocks=parse_blocks(g.get("blocks"), g.get("decoder_layers")),
             attention=g.get("attention", "maps"), dtype=g.get("dtype", "float16"),
-            attn_dtype=g.get("attn_dtype", "float16"), attn_topk=int(g.get("attn_topk", 0)),
+            attn_dtype=g.get("attn_dtype", "float16"), attn_topk=int(g.get("attn_topk", 0)), layout=g.get("layout", "full"),
             shard_size=int(g["shard_size"]) if g.get("shard_size") else None,
             shard_mib=float(g.get("shard_mib", DEFAULT_SHARD_MIB)), batch_size=int(g.get("batch_size", 8)),
             min_frames=g.get("min_frames"), compressor=g.get("compressor"), ray_address=g.get("ray_address"),
@@ -189,20 +190,21 @@ class BackboneRunner:
     encoding the storage formats here, next to the backbone)."""
 
     def __init__(self, spec: dict[str, Any], blocks: list[int] | None, attention: str, dtype: str,
-                 threads: int | None = None, device: str | None = None, attn_format: str = "float16") -> None:
+                 threads: int | None = None, device: str | None = None, attn_format: str = "float16",
+                 layout: str = "full") -> None:
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         self.backbone = build_backbone(BackboneSpec.from_dict(spec), blocks=blocks, attention=attention,
                                        device=device or default_device())
-        self.attention, self.dtype, self.attn_format = attention, dtype, attn_format
+        self.attention, self.dtype, self.attn_format, self.layout = attention, dtype, attn_format, layout
 
     def formats(self, frames: int) -> StoreFormats:
         desc = self.backbone.describe()
         return StoreFormats({"frames": frames, "tokens": 1 + desc["grid"][0] * desc["grid"][1], "width": desc["width"],
                              "heads": desc["heads"], "blocks": self.backbone.blocks, "attention": self.attention,
-                             "dtype": self.dtype, "attn_format": self.attn_format})
+                             "dtype": self.dtype, "attn_format": self.attn_format, "layout": self.layout})
 
     def compute(self, batch_size: int, *decoded: tuple[PackedViews | None, dict[str, Any]]
                 ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
@@ -224,7 +226,8 @@ class BackboneRunner:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             frames = torch.stack([views[ok[j]][v] for j, v in chunk])
-            result = {k: t.float().cpu() for k, t in self.backbone(frames).items()}
+            result = {"prefix": self.backbone.prefix(frames)} if self.layout == "prefix" else self.backbone(frames)
+            result = {k: t.float().cpu() for k, t in result.items()}
             for name, values in formats.encode(result).items():
                 if name not in out:
                     out[name] = np.empty((len(ok), num_views, *values.shape[1:]), dtype=values.dtype)
@@ -273,6 +276,7 @@ def store_attributes(backbone_desc: dict[str, Any], blocks: list[int], cfg: Extr
         "attention": cfg.attention,
         "dtype": feature_format(cfg.dtype),
         "attn_format": map_format(cfg.attn_dtype, cfg.attn_topk),
+        "layout": cfg.layout,
         "min_frames": cfg.min_frames or cfg.sampling.frames,
         "compressor": cfg.compressor,
         "class_names": list(class_names),
@@ -300,6 +304,16 @@ def prepare_store(store_path: str, attrs: dict[str, Any], paths: list[str], labe
     os.makedirs(parent, exist_ok=True)
     shard_size = cfg.shard_size or choose_shard_size(attrs, cfg.shard_mib)
     return create_store(store_path, attrs, paths, labels, shard_size=shard_size, compressor=cfg.compressor)
+
+
+def write_tail(store: CacheStore, backbone: Any) -> CacheStore:
+    """Put the frozen tail blocks' weights into a prefix-layout store and record their sha256."""
+    from evl_cache.prefix import save_tail
+
+    attrs = dict(store.attrs)
+    attrs["tail"] = save_tail(store.path, backbone.visual, backbone.blocks)
+    store.group.attrs["evl_cache"] = attrs
+    return open_store(store.path, mode="r+")
 
 
 def resolve_precision(cfg: ExtractConfig) -> BackboneSpec:
@@ -333,13 +347,27 @@ def extract(manifest: Any, store_path: str, cfg: ExtractConfig) -> ExtractSummar
         raise UserError("attention maps need at least 2 frames; use --frames >= 2 or --attention none")
     if cfg.decode_timeout <= 0:
         raise UserError(f"--decode-timeout must be positive seconds (got {cfg.decode_timeout})")
+    if cfg.layout not in ("full", "prefix"):
+        raise UserError(f"unknown --layout '{cfg.layout}'; use full or prefix")
     cfg = dataclasses.replace(cfg, backbone=resolve_precision(cfg))
     probe = build_backbone(cfg.backbone, blocks=cfg.blocks, attention=cfg.attention, device="cpu")
     desc, blocks = probe.describe(), probe.blocks
-    del probe
     manifest_meta = {"name": getattr(manifest, "name", ""), "root": getattr(manifest, "root", "")}
     attrs = store_attributes(desc, blocks, cfg, manifest.class_names, manifest.sha256(), manifest_meta)
+    if cfg.layout == "prefix":
+        from evl_cache.backbone import load_model_config
+        from evl_cache.prefix import tail_blocks
+
+        attrs["model_config"] = {k: v for k, v in load_model_config(cfg.backbone.arch).items() if k in ("embed_dim", "vision_cfg")}
+        attrs["tail"] = {"file": "tail_weights.safetensors", "blocks": tail_blocks(blocks)}
+    fresh = not os.path.exists(store_path)
     store = prepare_store(store_path, attrs, list(manifest.paths), list(manifest.labels), cfg)
+    if cfg.layout == "prefix" and (fresh or "sha256" not in store.attrs.get("tail", {})):
+        if cfg.backbone.precision != "fp32":  # the tail is kept in float32; each device casts it as it runs
+            probe = build_backbone(dataclasses.replace(cfg.backbone, precision="fp32"), blocks=cfg.blocks,
+                                   attention=cfg.attention, device="cpu")
+        store = write_tail(store, probe)
+    del probe
     status = store.status()
     todo_status = (PENDING, FAILED) if cfg.retry_failed else (PENDING,)
     skipped = int((status == DONE).sum())
@@ -396,13 +424,13 @@ class ShardRun:
         if gpus:
             actor = ray.remote(num_gpus=1, num_cpus=0, max_restarts=2, max_task_retries=2)(BackboneRunner)
             self.runners = [actor.remote(spec, self.blocks, cfg.attention, self.attrs["dtype"], 4, None,
-                                         self.attrs["attn_format"]) for _ in range(gpus)]
+                                         self.attrs["attn_format"], self.attrs["layout"]) for _ in range(gpus)]
         else:
             # One CPU actor whose threads may use every core: decode tasks time-share with it, which is
             # what gets a 2-core machine close to the serial bound 1/(1/decode + 1/backbone).
             actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)(BackboneRunner)
             self.runners = [actor.remote(spec, self.blocks, cfg.attention, self.attrs["dtype"], max(1, int(cpus)), "cpu",
-                                         self.attrs["attn_format"])]
+                                         self.attrs["attn_format"], self.attrs["layout"])]
 
     def submit(self, shard: int, videos: list[int]) -> tuple[Any, list[Any], list[Any]]:
         """Queue one shard: decode tasks, backbone batches (round-robin over actors), the writer."""

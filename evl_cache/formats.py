@@ -47,7 +47,10 @@ def _fill(dtype: np.dtype) -> Any:
 class StoreFormats:
     """The stored arrays of a store and the encode/decode between them and the decoder's inputs."""
 
-    def __init__(self, attrs: dict[str, Any]) -> None:
+    def __init__(self, attrs: dict[str, Any], store_path: str | None = None) -> None:
+        self.attrs, self.store_path = attrs, store_path
+        self.layout = attrs.get("layout", "full")
+        self._tails: dict[str, Any] = {}
         self.features = FeatureFormat.parse(feature_format(attrs["dtype"]))
         self.maps = MapFormat.parse(attrs.get("attn_format", "float16"))
         t, length, c = attrs["frames"], attrs["tokens"], attrs["width"]
@@ -62,10 +65,18 @@ class StoreFormats:
 
                 raise UserError(f"--attn-dtype/--attn-topk apply to attention maps; this store has attention '{self.attention}'")
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tails": {}}  # a tail built on one device stays there
+
     # -- what is stored ---------------------------------------------------------------------------
     def arrays(self) -> dict[str, ArraySpec]:
         out: dict[str, ArraySpec] = {}
         code = _np_dtype(self.features.code_dtype)
+        if self.layout == "prefix":  # the residual stream entering the first captured block
+            out["prefix"] = ArraySpec(self.feats_shape[1:], code, _fill(code))
+            for name, shape in self.features.scale_shapes(self.feats_shape[1:]).items():
+                out[f"prefix_scale_{name}"] = ArraySpec(shape, np.dtype(SCALE_DTYPE), float("nan"))
+            return out
         out["feats"] = ArraySpec(self.feats_shape, code, _fill(code))
         for name, shape in self.features.scale_shapes(self.feats_shape).items():
             out[f"feats_scale_{name}"] = ArraySpec(shape, np.dtype(SCALE_DTYPE), float("nan"))
@@ -91,6 +102,11 @@ class StoreFormats:
         """The backbone's outputs for n clip-views (``feats`` (n, K, T, L, C), ``attn`` (n, K, 2, T-1, P, P)
         or ``q``/``k``) -> stored arrays, each (n, *chunk shape)."""
         out: dict[str, np.ndarray] = {}
+        if self.layout == "prefix":
+            qp = encode_features(outputs["prefix"], self.features)
+            out["prefix"] = qp.codes.cpu().numpy()
+            out.update({f"prefix_scale_{k}": v.cpu().numpy() for k, v in qp.scales.items()})
+            return out
         qf = encode_features(outputs["feats"], self.features)
         out["feats"] = qf.codes.cpu().numpy()
         for name, scale in qf.scales.items():
@@ -115,6 +131,8 @@ class StoreFormats:
         ``out_dtype`` is given; quantized ones decode to ``out_dtype`` or float16."""
         device = torch.device(device)
         quant_dtype = out_dtype or torch.float16
+        if self.layout == "prefix":
+            return self._decode_prefix(batch, device, quant_dtype)
         scales = {k.removeprefix("feats_scale_"): v for k, v in batch.items() if k.startswith("feats_scale_")}
         out: dict[str, torch.Tensor] = {}
         feats = decode_features(batch["feats"], scales, self.features, quant_dtype, device) if self.features.quantized \
@@ -133,6 +151,26 @@ class StoreFormats:
             if out_dtype is not None:
                 qk = qk.to(out_dtype)
             out["q"], out["k"] = qk.select(-5, 0), qk.select(-5, 1)
+        stored = set(self.arrays())
+        for key, value in batch.items():
+            if key not in stored:
+                out[key] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        return out
+
+
+    def _decode_prefix(self, batch: dict[str, torch.Tensor], device: torch.device, out_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Decode the cached stream and recompute the tail blocks on ``device``: the same feats and
+        attention a full store holds (float16 unless ``out_dtype``)."""
+        from evl_cache.prefix import load_tail
+
+        if str(device) not in self._tails:
+            if self.store_path is None:
+                raise ValueError("a prefix-layout batch needs its store path to load the tail weights")
+            self._tails[str(device)] = load_tail(self.store_path, self.attrs, device)
+        tail = self._tails[str(device)]
+        scales = {k.removeprefix("prefix_scale_"): v for k, v in batch.items() if k.startswith("prefix_scale_")}
+        stream = decode_features(batch["prefix"], scales, self.features, tail.dtype, device)
+        out = {k: v.to(out_dtype) for k, v in tail.forward_from(stream).items()}
         stored = set(self.arrays())
         for key, value in batch.items():
             if key not in stored:

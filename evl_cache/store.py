@@ -266,7 +266,7 @@ class CacheStore:
         self.attrs: dict[str, Any] = dict(group.attrs["evl_cache"])
         self._arrays: dict[str, Any] = {}
         self._readers: dict[str, ChunkReader] = {}
-        self.formats = StoreFormats(self.attrs)
+        self.formats = StoreFormats(self.attrs, path)
 
     # -- schema -------------------------------------------------------------------------------
     @property

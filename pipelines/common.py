@@ -89,6 +89,7 @@ class ExtractPlan:
     dtype: str = "float16"
     attn_dtype: str = "float16"
     attn_topk: int = 0
+    layout: str = "full"
     shard_size: int | None = None
     shard_mib: float = 1024
     decode_timeout: float = 120.0

@@ -104,3 +104,43 @@ def test_bad_format_names_are_one_line_errors():
             feature_format(bad)
     with pytest.raises(UserError):
         map_format("bf16")
+
+
+def build_prefix(path: Path, paths: list[str], dtype: str = "float16") -> str:
+    from evl_cache.backbone import load_model_config
+    from evl_cache.extract import write_tail
+    from evl_cache.prefix import tail_blocks
+
+    cfg = ExtractConfig(backbone=SPEC, sampling=SAMPLING, views=VIEWS, blocks=[1, 2], dtype=dtype, layout="prefix", shard_size=3)
+    runner = BackboneRunner(SPEC.to_dict(), [1, 2], "maps", feature_format(dtype), device="cpu", layout="prefix")
+    attrs = store_attributes(runner.backbone.describe(), [1, 2], cfg, ["left", "right"], "t", {})
+    attrs["model_config"] = {k: v for k, v in load_model_config(SPEC.arch).items() if k in ("embed_dim", "vision_cfg")}
+    attrs["tail"] = {"file": "tail_weights.safetensors", "blocks": tail_blocks([1, 2])}
+    store = write_tail(create_store(str(path), attrs, paths, [i % 2 for i in range(len(paths))], shard_size=3), runner.backbone)
+    extract_serially(store, runner, paths, [Path(p).name for p in paths])
+    return str(path)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float8_e4m3"])
+def test_prefix_layout_recomputes_what_the_full_layout_caches(stores, tmp_path, dtype):
+    """Stage 2 recomputes the tail blocks from the cached stream: the same features and maps a full
+    store holds, within float16 rounding of the cached stream (float8 for the fp8 prefix)."""
+    paths = [str(Path(stores["fp16"]).parent / "videos" / f"v{i}.mp4") for i in range(5)]
+    prefix = open_store(build_prefix(tmp_path / f"prefix_{dtype}.zarr", paths, dtype))
+    full = open_store(stores["fp16"])
+    assert prefix.tensor_names()[0] == "prefix" and prefix.attrs["layout"] == "prefix"
+    one = 4 * 17 * 64  # T x L x C of the stream entering block 1
+    assert prefix.raw_bytes_per_view() == {"float16": 2 * one, "float8_e4m3": one + 2 * 64 + 2 * 4 * 17}[dtype]
+    tol = {"float16": (0.99999, 0.01), "float8_e4m3": (0.999, 0.05)}[dtype]
+    for video in range(5):
+        a, b = full.read(video, 1), prefix.read(video, 1)
+        assert a["feats"].dtype == b["feats"].dtype == torch.float16
+        assert float(cosine(a["feats"], b["feats"]).min()) > tol[0]
+        assert float((a["attn"].float() - b["attn"].float()).abs().sum(-1).max()) < tol[1]
+    batch = next(iter(make_loader(str(prefix.path), 4, train=False, num_workers=1)))
+    assert set(batch) >= {"prefix", "label", "video"} and "feats" not in batch
+    decoded = to_device(batch, torch.device("cpu"))
+    assert torch.equal(decoded["feats"][0], prefix.read(int(batch["video"][0]), 0)["feats"])
+    (Path(prefix.path) / "tail_weights.safetensors").write_bytes(b"x")  # a prefix store without its tail is lost
+    with pytest.raises(UserError, match="sha256"):
+        open_store(str(prefix.path)).read(0, 0)
