@@ -59,6 +59,9 @@ class StoreFormats:
         self.maps_shape = (self.k, 2, max(t - 1, 0), self.p, self.p)
         self.qk_shape = (self.k, 2, t, length, self.heads, c // self.heads)
         self.attention = attrs["attention"]
+        # float32 stores keep float32 maps (float16 is the maps' default only beside float16 features)
+        self.maps_dtype = np.dtype(np.float32 if self.features.dtype == "float32" and self.maps.name == "float16"
+                                   else np.float16)
         if self.maps.values != "float16" or self.maps.topk:
             if self.attention != "maps":
                 from evl_cache.errors import UserError
@@ -82,7 +85,7 @@ class StoreFormats:
             out[f"feats_scale_{name}"] = ArraySpec(shape, np.dtype(SCALE_DTYPE), float("nan"))
         if self.attention == "maps":
             kept = self.maps.kept(self.p)
-            values = np.dtype(np.float16 if self.maps.values == "float16" else np.uint8)
+            values = self.maps_dtype if self.maps.values == "float16" else np.dtype(np.uint8)
             out["attn"] = ArraySpec((*self.maps_shape[:-1], kept), values, _fill(values))
             if self.maps.topk:
                 idx = index_dtype(self.p)
@@ -111,7 +114,9 @@ class StoreFormats:
         out["feats"] = qf.codes.cpu().numpy()
         for name, scale in qf.scales.items():
             out[f"feats_scale_{name}"] = scale.cpu().numpy()
-        if "attn" in outputs:
+        if "attn" in outputs and self.maps_dtype == np.float32:
+            out["attn"] = outputs["attn"].float().cpu().numpy()
+        elif "attn" in outputs:
             qm = encode_maps(outputs["attn"], self.maps)
             out["attn"] = qm.codes.cpu().numpy()
             if qm.indices is not None:
