@@ -195,7 +195,7 @@ def feature_format(text: str) -> str:
 def map_format(values: str = "float16", topk: int = 0) -> str:
     """The canonical name of an attention-map format from ``--attn-dtype`` and ``--attn-topk``."""
     fmt = MapFormat.parse(values)
-    return MapFormat(fmt.values, int(topk or 0), fmt.scaling).name
+    return MapFormat(fmt.values, int(topk or fmt.topk), fmt.scaling).name
 
 
 def torch_dtype(dtype: np.dtype) -> torch.dtype:
