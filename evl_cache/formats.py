@@ -72,29 +72,77 @@ class StoreFormats:
         return {**self.__dict__, "_tails": {}}  # a tail built on one device stays there
 
     # -- what is stored ---------------------------------------------------------------------------
-    def arrays(self) -> dict[str, ArraySpec]:
-        out: dict[str, ArraySpec] = {}
+    def parts(self) -> dict[str, list[ArraySpec | tuple[str, ArraySpec]]]:
+        """Every stored array and the named parts packed into it: codes first, then their scales and
+        top-k indices. One array per tensor kind keeps a store's file count at ~1 per shard per kind."""
         code = _np_dtype(self.features.code_dtype)
+        half = np.dtype(SCALE_DTYPE)
+
+        def features(name: str, shape: tuple[int, ...]) -> list:
+            scales = self.features.scale_shapes(shape)
+            return [(name, ArraySpec(shape, code, _fill(code)))] + [
+                (f"{name}_scale_{k}", ArraySpec(v, half, float("nan"))) for k, v in scales.items()]
+
         if self.layout == "prefix":  # the residual stream entering the first captured block
-            out["prefix"] = ArraySpec(self.feats_shape[1:], code, _fill(code))
-            for name, shape in self.features.scale_shapes(self.feats_shape[1:]).items():
-                out[f"prefix_scale_{name}"] = ArraySpec(shape, np.dtype(SCALE_DTYPE), float("nan"))
-            return out
-        out["feats"] = ArraySpec(self.feats_shape, code, _fill(code))
-        for name, shape in self.features.scale_shapes(self.feats_shape).items():
-            out[f"feats_scale_{name}"] = ArraySpec(shape, np.dtype(SCALE_DTYPE), float("nan"))
+            return {"prefix": features("prefix", self.feats_shape[1:])}
+        out = {"feats": features("feats", self.feats_shape)}
         if self.attention == "maps":
             kept = self.maps.kept(self.p)
             values = self.maps_dtype if self.maps.values == "float16" else np.dtype(np.uint8)
-            out["attn"] = ArraySpec((*self.maps_shape[:-1], kept), values, _fill(values))
+            attn = [("attn", ArraySpec((*self.maps_shape[:-1], kept), values, _fill(values)))]
             if self.maps.topk:
-                idx = index_dtype(self.p)
-                out["attn_index"] = ArraySpec((*self.maps_shape[:-1], kept), idx, 0)
+                attn.append(("attn_index", ArraySpec((*self.maps_shape[:-1], kept), index_dtype(self.p), 0)))
             if self.maps.values == "uint8" and self.maps.scaling != "fixed":
-                out["attn_scale_row"] = ArraySpec(self.maps_shape[:-1], np.dtype(SCALE_DTYPE), float("nan"))
+                attn.append(("attn_scale_row", ArraySpec(self.maps_shape[:-1], half, float("nan"))))
+            out["attn"] = attn
         elif self.attention == "qk":
             qk = np.dtype(np.float32 if self.features.dtype == "float32" else np.float16)
-            out["qk"] = ArraySpec(self.qk_shape, qk, float("nan"))
+            out["qk"] = [("qk", ArraySpec(self.qk_shape, qk, float("nan")))]
+        return out
+
+    def arrays(self) -> dict[str, ArraySpec]:
+        """The stored arrays' chunk specs: a single part as itself; several parts packed as uint8
+        bytes, each part padded to 8 bytes so it can be viewed in place after the move to a device."""
+        out = {}
+        for name, parts in self.parts().items():
+            if len(parts) == 1:
+                out[name] = parts[0][1]
+            else:
+                out[name] = ArraySpec((sum(_padded(spec) for _, spec in parts),), np.dtype(np.uint8), 0)
+        return out
+
+    def pack(self, parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Encoded parts, each (n, *part shape) -> stored arrays, each (n, *chunk shape)."""
+        out = {}
+        for name, layout in self.parts().items():
+            if len(layout) == 1:
+                out[name] = parts[layout[0][0]]
+                continue
+            n = parts[layout[0][0]].shape[0]
+            pieces = []
+            for part, spec in layout:
+                raw = np.ascontiguousarray(parts[part], dtype=spec.dtype).reshape(n, -1).view(np.uint8)
+                pieces.append(np.pad(raw, ((0, 0), (0, _padded(spec) - raw.shape[1]))))
+            out[name] = np.concatenate(pieces, axis=1)
+        return out
+
+    def unpack(self, batch: dict[str, torch.Tensor], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """Stored arrays of a batch -> named parts (views into the moved bytes, no copy); other
+        entries pass through."""
+        layouts = self.parts()
+        out: dict[str, torch.Tensor] = {}
+        for key, value in batch.items():
+            layout = layouts.get(key)
+            if layout is None or len(layout) == 1:
+                out[key] = value
+                continue
+            raw = value.to(device, non_blocking=True) if device is not None else value
+            offset = 0
+            for part, spec in layout:
+                nbytes = int(np.prod(spec.shape)) * spec.dtype.itemsize
+                piece = raw[:, offset:offset + nbytes].view(torch_dtype(spec.dtype))
+                out[part] = piece.reshape(raw.shape[0], *spec.shape)
+                offset += _padded(spec)
         return out
 
     def bytes_per_view(self) -> int:
@@ -102,6 +150,10 @@ class StoreFormats:
 
     # -- worker side: float outputs -> stored arrays ---------------------------------------------------
     def encode(self, outputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """The backbone's outputs for n clip-views -> stored arrays (parts encoded, then packed)."""
+        return self.pack(self.encode_parts(outputs))
+
+    def encode_parts(self, outputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         """The backbone's outputs for n clip-views (``feats`` (n, K, T, L, C), ``attn`` (n, K, 2, T-1, P, P)
         or ``q``/``k``) -> stored arrays, each (n, *chunk shape)."""
         out: dict[str, np.ndarray] = {}
@@ -136,6 +188,7 @@ class StoreFormats:
         ``out_dtype`` is given; quantized ones decode to ``out_dtype`` or float16."""
         device = torch.device(device)
         quant_dtype = out_dtype or torch.float16
+        batch = self.unpack(batch, device)
         if self.layout == "prefix":
             return self._decode_prefix(batch, device, quant_dtype)
         scales = {k.removeprefix("feats_scale_"): v for k, v in batch.items() if k.startswith("feats_scale_")}
@@ -156,7 +209,7 @@ class StoreFormats:
             if out_dtype is not None:
                 qk = qk.to(out_dtype)
             out["q"], out["k"] = qk.select(-5, 0), qk.select(-5, 1)
-        stored = set(self.arrays())
+        stored = {part for layout in self.parts().values() for part, _ in layout}
         for key, value in batch.items():
             if key not in stored:
                 out[key] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
@@ -176,11 +229,16 @@ class StoreFormats:
         scales = {k.removeprefix("prefix_scale_"): v for k, v in batch.items() if k.startswith("prefix_scale_")}
         stream = decode_features(batch["prefix"], scales, self.features, tail.dtype, device)
         out = {k: v.to(out_dtype) for k, v in tail.forward_from(stream).items()}
-        stored = set(self.arrays())
+        stored = {part for layout in self.parts().values() for part, _ in layout}
         for key, value in batch.items():
             if key not in stored:
                 out[key] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
         return out
+
+
+def _padded(spec: ArraySpec) -> int:
+    """Bytes of a packed part, rounded up to 8 so the next part starts aligned for any dtype."""
+    return -(-int(np.prod(spec.shape)) * spec.dtype.itemsize // 8) * 8
 
 
 def feature_format(text: str) -> str:

@@ -40,7 +40,7 @@ SCHEMA_VERSION = 2
 PENDING, DONE, FAILED = 0, 1, 2
 STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
 TABLE_ARRAYS = ("paths", "labels", "status", "errors", "decode_meta")
-TABLE_CHUNK = 4096  # videos per chunk of the per-video table: ~60 chunk files per column at K400 size
+TABLE_CHUNK = 65536  # videos per chunk of the per-video table: 4 chunk files per column at K400 size; flushed every few seconds, so its size barely matters
 DEFAULT_SHARD_MIB = 1024
 MAX_SHARD_VIDEOS = 1024
 

@@ -52,9 +52,12 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def test_formats_are_recorded_and_arrays_declared(stores):
     a = open_store(stores["int8"]).attrs
     assert a["dtype"] == "int8:channel_token" and a["attn_format"] == "uint8"
-    assert open_store(stores["int8"]).tensor_names() == ["feats", "feats_scale_channel", "feats_scale_token", "attn", "attn_scale_row"]
-    assert open_store(stores["top"]).tensor_names() == ["feats", "attn", "attn_index", "attn_scale_row"]
-    assert open_store(stores["top"]).array("attn").shape[-1] == 4
+    # one array per tensor kind: codes, scales and indices packed into its chunks
+    assert open_store(stores["int8"]).tensor_names() == ["feats", "attn"] == open_store(stores["top"]).tensor_names()
+    parts = open_store(stores["int8"]).formats.parts()
+    assert [p for p, _ in parts["feats"]] == ["feats", "feats_scale_channel", "feats_scale_token"]
+    assert [p for p, _ in open_store(stores["top"]).formats.parts()["attn"]] == ["attn", "attn_index", "attn_scale_row"]
+    assert open_store(stores["top"]).array("attn").dtype == np.uint8
     fp16 = open_store(stores["fp16"]).raw_bytes_per_view()
     k, t, length, c, p = 2, 4, 17, 64, 16  # codes 1 byte, scales float16 (per channel, per token, per map row)
     int8 = k * t * length * c + 2 * k * c + 2 * k * t * length + k * 2 * (t - 1) * p * p + 2 * k * 2 * (t - 1) * p

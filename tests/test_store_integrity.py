@@ -248,3 +248,27 @@ def test_status_table_marks_in_memory_until_flush(ref):
     table.flush()
     assert open_store(str(store)).status()[3] == FAILED and open_store(str(store)).errors()[3] == "x"
     np.testing.assert_array_equal(table.status, open_store(str(store)).status())
+
+
+def test_layout_stays_lean_at_large_n_and_for_compact_formats(ref, tmp_path):
+    """The bound holds where table chunk files could dominate (N = 100k videos, 1024 per shard) and
+    where a compact format has codes + scales (packed into one array per kind, so no extra files)."""
+    attrs = dict(open_store(ref[2]).attrs)
+    for key in ("schema_version", "num_videos", "shard_size", "compressor"):
+        attrs.pop(key)
+    n, s = 100_000, 1024
+    big = create_store(str(tmp_path / "big.zarr"), attrs, [f"v{i}.mp4" for i in range(n)], [0] * n, shard_size=s)
+    reference = open_store(ref[2])
+    one = {name: np.asarray(reference.array(name)[0:1]) for name in reference.tensor_names()}
+    for shard in range(0, -(-n // s), 7):  # every 7th shard gets one video
+        big.write_videos(shard, [shard * s], [shard * s], one)
+    big.mark({shard * s: {"status": DONE} for shard in range(0, -(-n // s), 7)})
+    entries, _ = count_entries(big.path)
+    shards = sum(1 for name in big.tensor_names() for f in os.listdir(Path(big.path) / name) if f.startswith("c."))
+    assert shards == 2 * len(range(0, -(-n // s), 7)) and entries <= 1.2 * shards + 20, (entries, shards)
+    compact = dict(attrs, dtype="int8:channel_token", attn_format="top4:uint8")
+    small = create_store(str(tmp_path / "int8.zarr"), compact, ref[1], [0] * len(ref[1]), shard_size=64)
+    runner = BackboneRunner(SPEC.to_dict(), [1, 2], "maps", compact["dtype"], device="cpu", attn_format="top4:uint8")
+    extract_serially(small, runner, ref[1], [Path(p).name for p in ref[1]])
+    entries, _ = count_entries(small.path)
+    assert small.tensor_names() == ["feats", "attn"] and entries <= 1.2 * 2 + 20, entries
