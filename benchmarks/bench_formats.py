@@ -7,7 +7,7 @@
 2. Confirmed by building real stores at ViT-B/16 shape (random weights, a handful of generated
    videos, one eval view, extraction's own work units) and dividing the bytes of the tensor shard
    files by the clip-views: the difference is the shard index (16 bytes) and crc32c (4 bytes) per
-   chunk and array.
+   chunk and array, plus the index's own crc32c per shard file.
 3. The prefix layout's stage-2 cost on this CPU: decode + tail blocks (8..11) for a batch, against
    the cost of reading the full layout's tensors, and the EVL decoder step.
 Prints markdown tables and writes results/bench/formats.json.
@@ -95,10 +95,10 @@ def build_stores(videos: int, work: Path) -> list[dict]:
         store = open_store(str(path))
         tensor_bytes = sum(os.path.getsize(path / name / f) for name in store.tensor_names()
                            for f in os.listdir(path / name) if f.startswith("c."))
-        chunks = len(store.tensor_names()) * videos
-        rows.append({"format": label, "schema": store.raw_bytes_per_view(), "on disk": tensor_bytes / videos,
+        arrays = len(store.tensor_names())
+        rows.append({"format": label, "arrays": arrays, "schema": store.raw_bytes_per_view(), "on disk": tensor_bytes / videos,
                      "overhead per clip-view": (tensor_bytes - store.raw_bytes_per_view() * videos) / videos,
-                     "expected overhead (20 B x arrays)": 20 * chunks / videos, "seconds": time.perf_counter() - started,
+                     "expected overhead": arrays * (20 + 4 / videos), "seconds": time.perf_counter() - started,
                      "path": str(path)})
         print(f"built {label}: {rows[-1]['on disk']:,.0f} B per clip-view ({rows[-1]['seconds']:.0f} s)", flush=True)
     return rows
@@ -151,7 +151,9 @@ def main() -> int:
             result["stores"] = build_stores(args.videos, Path(tmp))
             result["stage2_decode_s_cpu"] = prefix_cost(result["stores"], args.videos)
         print("\n## Real stores at ViT-B/16 shape (random weights, 8 frames, 1 view)\n")
-        print(md(result["stores"], ["format", "schema", "on disk", "overhead per clip-view", "expected overhead (20 B x arrays)"]))
+        print(md(result["stores"], ["format", "arrays", "schema", "on disk", "overhead per clip-view", "expected overhead"]))
+        print("\nexpected overhead per clip-view: per array, a 16-byte shard-index entry and a 4-byte crc32c per chunk, "
+              "plus the index's own 4-byte crc32c shared by the shard's videos")
         print("\n## Stage-2 decode on this CPU, seconds per batch (prefix: includes recomputing blocks 8-11)\n")
         for k, v in result["stage2_decode_s_cpu"].items():
             print(f"- {k}: {v['decode_s']:.3f} s for {v['clip_views']} clip-views")
