@@ -1,7 +1,7 @@
 """Stage-1 throughput: decode + views alone, backbone alone, and the whole Ray pipeline, in one run.
 
     .venv/bin/python benchmarks/bench_extract.py                 # small ViT, CPU
-    .venv/bin/python benchmarks/bench_extract.py --arch ViT-B-16 --size 224 --videos 64   # on a GPU
+    .venv/bin/python benchmarks/bench_extract.py --arch ViT-B-16 --videos 64   # on a GPU
 
 All three are measured over the same videos with the same Ray resources, after Ray has started.
 The pipeline rate is its steady state: from the first landed shard to the last (the one-off
@@ -29,7 +29,7 @@ from evl_cache.datasets import load_manifest
 from evl_cache.extract import ExtractConfig, decode_video, extract
 from evl_cache.ray_runtime import ray_session
 from evl_cache.store import open_store
-from evl_cache.video import Sampling, ViewSet
+from evl_cache.video import Sampling, ViewSet, finish_views
 
 SMALL_VIT = {
     "embed_dim": 192,
@@ -109,7 +109,7 @@ def main() -> None:
         # 2. backbone alone on ready tensors (all cores / the GPU), same batch size
         torch.set_num_threads(args.num_cpus)
         backbone = build_backbone(spec, attention="maps", device=device)
-        batches = torch.from_numpy(np.concatenate([d[0] for d in decoded]))
+        batches = torch.cat([finish_views(d[0]) for d in decoded])  # views as the actors finish them
         backbone(batches[: args.batch_size])
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -134,7 +134,7 @@ def main() -> None:
 
     store = open_store(str(store_path))
     tensor_bytes = sum(p.stat().st_size for name in store.tensor_names()
-                       for p in (store_path / name).rglob("*") if p.is_file() and p.name != "zarr.json")
+                       for p in (store_path / name).rglob("c*") if p.is_file())
     raw_fp16 = store.raw_bytes_per_view() * clip_views
     decode_rate, backbone_rate = clip_views / decode_s, clip_views / backbone_s
     pipe_rate = summary.steady_clip_views_per_s
