@@ -68,15 +68,27 @@ def compute_metrics(scores: np.ndarray, labels: np.ndarray, class_names: list[st
 
 @torch.no_grad()
 def collect_view_probs(model: torch.nn.Module, store_path: str, batch_size: int = 64, device: torch.device | str = "cpu",
-                       num_workers: int = 0, amp: str = "off") -> tuple[np.ndarray, np.ndarray]:
-    """Softmax of every (done video, view) of a store: (probs (M, C) float32, video index (M,))."""
-    from evl_cache.data import make_loader, to_device
+                       num_workers: int = 0, amp: str = "off", dist: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax of every (done video, view) of a store: (probs (M, C) float32, video index (M,)).
+
+    With ``dist`` (an `evl_cache.distributed.Dist` of several ranks) each rank scores a contiguous
+    share of the (video, view) items and the shares are gathered in rank order, so every rank gets
+    the single-process arrays (same rows in the same order).
+    """
+    from evl_cache.data import eval_items, make_loader, to_device
 
     device = torch.device(device)
     was_training = model.training
     model.eval()
+    items = None
+    if dist is not None and dist.active:
+        from evl_cache.distributed import shard_bounds
+
+        every = eval_items(open_store(store_path))
+        lo, hi = shard_bounds(len(every), dist.rank, dist.world_size)
+        items = every[lo:hi]
     loader = make_loader(store_path, batch_size, train=False, num_workers=num_workers,
-                         pin_memory=device.type == "cuda")
+                         pin_memory=device.type == "cuda", items=items)
     probs, videos = [], []
     try:
         for batch in loader:
@@ -88,9 +100,13 @@ def collect_view_probs(model: torch.nn.Module, store_path: str, batch_size: int 
             videos.append(vid.numpy())
     finally:
         model.train(was_training)
-    if not probs:
-        return np.zeros((0, model.cfg.num_classes), np.float32), np.zeros((0,), np.int64)
-    return np.concatenate(probs), np.concatenate(videos)
+    num_classes = model.cfg.num_classes
+    mine = (np.concatenate(probs) if probs else np.zeros((0, num_classes), np.float32),
+            np.concatenate(videos) if videos else np.zeros((0,), np.int64))
+    if dist is None or not dist.active:
+        return mine
+    shares = dist.gather(mine)
+    return np.concatenate([p for p, _ in shares]), np.concatenate([v for _, v in shares])
 
 
 def autocast(device: torch.device, amp: str):
