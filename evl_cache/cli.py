@@ -268,10 +268,14 @@ def eval_(
                                        help="Evaluate a store whose extraction has pending videos (on its done ones)."),
 ) -> None:
     """Evaluate a checkpoint on a cache store: mean softmax over views, top-1/top-5/per-class accuracy."""
+    import os
+
     from evl_cache.completeness import counts_text
     from evl_cache.evaluate import evaluate
 
     m = evaluate(checkpoint, store, out, batch_size=batch, device=device, num_workers=workers, allow_partial=allow_partial)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return
     mean_class = m["mean_class_accuracy"]
     counts = f"(store: {counts_text(m['store_videos'])})"
     typer.echo(f"{m['videos']} videos x {m['views']} views: top-1 {100 * m['top1']:.2f}%  top-{m['topk']} "

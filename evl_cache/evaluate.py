@@ -153,25 +153,31 @@ def evaluate(checkpoint: str | os.PathLike, store: str, out_dir: str | os.PathLi
     """Evaluate a checkpoint on a store; with ``out_dir``, write metrics.json, predictions.csv and
     confusion_matrix.png there. Returns the metrics dict, whose ``store_videos`` says how many of
     the store's videos are done (evaluated), failed (skipped) and pending (refused unless
-    ``allow_partial``)."""
-    from evl_cache.backbone import resolve_device
-    from evl_cache.checkpoints import load_checkpoint
+    ``allow_partial``).
 
-    dev = resolve_device(device)
-    model, meta = load_checkpoint(checkpoint, device=dev)
-    st = open_store(store)
-    check_store_fits(meta, st.attrs, model.cfg.num_classes, store)
-    counts = video_counts(st)
-    require_complete(counts, store, allow_partial)
-    if counts["done"] == 0:
-        raise UserError(f"store {store} has no extracted videos; run `evl-cache extract` to completion first")
-    probs, view_videos = collect_view_probs(model, store, batch_size, dev, num_workers)
+    Under torchrun the views are scored sharded over the ranks and gathered (the same arrays as one
+    process); every rank returns the metrics and only rank 0 writes ``out_dir``."""
+    from evl_cache.checkpoints import load_checkpoint
+    from evl_cache.distributed import join
+
+    dist, dev = join(device)
+    try:
+        model, meta = load_checkpoint(checkpoint, device=dev)
+        st = open_store(store)
+        check_store_fits(meta, st.attrs, model.cfg.num_classes, store)
+        counts = video_counts(st)
+        require_complete(counts, store, allow_partial)
+        if counts["done"] == 0:
+            raise UserError(f"store {store} has no extracted videos; run `evl-cache extract` to completion first")
+        probs, view_videos = collect_view_probs(model, store, batch_size, dev, num_workers, dist=dist)
+    finally:
+        dist.close()
     videos, scores = video_scores(probs, view_videos)
     labels = st.labels()[videos].astype(np.int64)
     names = st.class_names
     metrics = compute_metrics(scores, labels, names)
     metrics.update(checkpoint=str(checkpoint), store=store, views=st.num_views, store_videos=counts)
-    if out_dir is not None:
+    if out_dir is not None and dist.main:
         write_outputs(Path(out_dir), metrics, scores, videos, labels, st.paths(), names)
     return metrics
 
