@@ -4,8 +4,8 @@ No process management lives here. Under ``torchrun`` each process finds its rank
 environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/MASTER_PORT) and `join` opens the process
 group (gloo on CPU, nccl on CUDA). Under Ray Train's ``TorchTrainer`` the group is already open when
 the training function starts, and `join` only reads it. Everything else (which items a rank reads,
-how losses and evaluation results are combined, who writes the run directory) is in docs/design.md,
-"Distributed training", and docs/commands.md, "Distributed training".
+how losses and evaluation results are combined, who writes the run directory) is described in
+docs/distributed.md.
 """
 
 from __future__ import annotations

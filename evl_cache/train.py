@@ -314,7 +314,7 @@ def build_parts(dcfg: Any, t: TrainConfig, device: torch.device, amp: str, dist:
     """Seeded decoder, AdamW, per-step cosine and grad scaler (every rank builds the same weights).
 
     With several ranks, torch's RNG is then reseeded per rank so each rank draws its own dropout
-    masks (dropout therefore depends on the world size; see docs/commands.md, "Distributed training").
+    masks (dropout therefore depends on the world size; see docs/distributed.md, "Dropout and RNG").
     """
     from evl_cache.decoder import EVLDecoder
 

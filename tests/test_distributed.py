@@ -173,6 +173,20 @@ def test_ray_failure_unwraps_the_user_error():
     assert _user_error_in(WorkerGroupError("x", {0: RuntimeError("plain")})) is None
 
 
+def test_run_directory_of_other_ranks_writes_nothing(stores, tmp_path):
+    """What ranks other than 0 hold: every write of the run directory is a no-op."""
+    from evl_cache.decoder import DecoderConfig, EVLDecoder
+    from evl_cache.train import RunDir
+
+    run = RunDir(tmp_path / "run", enabled=False)
+    run.begin(RunConfig.from_dict(recipe(stores)), 0, resume=False)
+    run.log({"step": 1, "loss": 1.0})
+    model = EVLDecoder(DecoderConfig(num_layers=1, width=64, heads=4, frames=4, grid=(4, 4), num_classes=2))
+    assert run.save(1, model, {}, lambda: {"step": 1}) is None
+    assert run.finish(model, {}) == (None, [])
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------------------------ torchrun
 
 
@@ -249,19 +263,30 @@ def test_torchrun_eval_is_sharded_and_equal(stores, single, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_train_two_workers_equal_one_process(stores, single):
-    """`--ray-workers 2` on an embedded loopback Ray: the same losses (1e-5) and clips as one process;
-    then a cut and resumed Ray run equals the uninterrupted Ray run bit for bit."""
+def test_ray_train_two_workers_equal_one_process(stores, single, monkeypatch):
+    """`train --ray-workers 2` on an embedded loopback Ray: the same losses (1e-5) and clips as one
+    process; a Ray run cut with --until-step and resumed equals the uninterrupted Ray run bit for bit.
+    One Ray session serves the three runs (`ray_session` reuses a running Ray)."""
+    from typer.testing import CliRunner
+
+    from evl_cache.cli import app
+    from evl_cache.distributed import train_on_ray
+    from evl_cache.ray_runtime import ray_session
+
+    for key, value in child_env().items():  # the Ray workers inherit this process's environment
+        monkeypatch.setenv(key, value)
     out, cut = stores["root"] / "ray", stores["root"] / "ray_cut"
-    env = child_env()
-    base = [sys.executable, "-m", "evl_cache.cli"]
-    for args in ([*cli_args(stores, out), "--ray-workers", "2"],
-                 [*cli_args(stores, cut), "--ray-workers", "2", "--until-step", "10"],
-                 [*cli_args(stores, cut), "--ray-workers", "2", "--resume"]):
-        proc = subprocess.run([*base, *args], capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "on 2 processes" in proc.stdout
+    cfg = RunConfig.from_dict(recipe(stores))
+    with ray_session(num_cpus=2) as ray:
+        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+        res = CliRunner().invoke(app, [*cli_args(stores, out), "--ray-workers", "2"])
+        assert res.exit_code == 0, res.output
+        assert "trained steps 0..20 (80 clip-views) on 2 processes" in res.output
+        train_on_ray(cfg, cut, workers=2, until_step=10)
+        resumed = train_on_ray(cfg, cut, workers=2, resume=True)
+    assert resumed.start_step == 10 and resumed.world_size == 2
     assert_close_losses(single, out)
     assert [r["batch_digest"] for r in steps(single)] == [r["batch_digest"] for r in steps(out)]
     assert [r["loss"] for r in steps(cut)] == [r["loss"] for r in steps(out)]
+    assert vals(cut) == vals(out)
     assert run_files(out) == run_files(single)  # Ray Train's own files stay out of the run directory
