@@ -225,6 +225,9 @@ def _user_error_in(err: BaseException) -> UserError | None:
         seen.add(id(e))
         if isinstance(e, UserError):
             return e
-        todo.extend(getattr(e, "worker_failures", {}).values() if isinstance(getattr(e, "worker_failures", None), dict) else [])
+        failures = getattr(e, "worker_failures", None)  # Ray Train's WorkerGroupError: {rank: exception}
+        if isinstance(failures, dict):
+            todo.extend(failures.values())
+        # RayTaskError keeps the worker's exception as .cause; ControllerError as .controller_failure
         todo.extend([getattr(e, "cause", None), e.__cause__, e.__context__, getattr(e, "controller_failure", None)])
     return None

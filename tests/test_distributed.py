@@ -166,6 +166,8 @@ def test_ray_failure_unwraps_the_user_error():
     from evl_cache.distributed import _user_error_in
 
     inner = UserError("store x has no extracted videos")
+    # Ray 2.60 hands the worker's own exception over (checked with a real TorchTrainer run)
+    assert _user_error_in(WorkerGroupError("rank 1 failed", {1: inner})) is inner
     err = WorkerGroupError("rank 1 failed", {1: RuntimeError("wrapped")})
     err.worker_failures[0] = RuntimeError("outer")
     err.worker_failures[0].__cause__ = inner
