@@ -228,8 +228,14 @@ def train(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     allow_partial: bool = typer.Option(False, "--allow-partial",
                                        help="Train on stores whose extraction has pending videos (data.allow_partial)."),
+    ray_workers: int = typer.Option(None, help="Run data-parallel on N Ray Train workers (TorchTrainer); "
+                                               "for torchrun, launch `torchrun ... $(which evl-cache) train` instead."),
+    ray_address: str = typer.Option(None, help="With --ray-workers: join this Ray cluster instead of starting a local one."),
+    gpus_per_worker: float = typer.Option(0.0, help="With --ray-workers: GPUs per worker (0 = CPU workers, gloo)."),
 ) -> None:
-    """Train the EVL decoder by streaming a cache store."""
+    """Train the EVL decoder by streaming a cache store (one process, torchrun ranks, or Ray Train workers)."""
+    import os
+
     from evl_cache.config import load_config
     from evl_cache.train import train as run_train
 
@@ -242,9 +248,18 @@ def train(
             setattr(getattr(cfg, section), key, value)
     if allow_partial:
         cfg.data.allow_partial = True
-    summary = run_train(cfg, out, resume=resume, until_step=until_step, progress=progress, echo=typer.echo)
-    for line in summary.lines():
-        typer.echo(line)
+    if ray_workers is None and (ray_address is not None or gpus_per_worker):
+        raise UserError("--ray-address and --gpus-per-worker need --ray-workers N")
+    if ray_workers is not None:
+        from evl_cache.distributed import train_on_ray
+
+        summary = train_on_ray(cfg, out, workers=ray_workers, address=ray_address, gpus_per_worker=gpus_per_worker,
+                               resume=resume, until_step=until_step, echo=typer.echo)
+    else:
+        summary = run_train(cfg, out, resume=resume, until_step=until_step, progress=progress, echo=typer.echo)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        for line in summary.lines():
+            typer.echo(line)
 
 
 @app.command("eval")
@@ -259,10 +274,14 @@ def eval_(
                                        help="Evaluate a store whose extraction has pending videos (on its done ones)."),
 ) -> None:
     """Evaluate a checkpoint on a cache store: mean softmax over views, top-1/top-5/per-class accuracy."""
+    import os
+
     from evl_cache.completeness import counts_text
     from evl_cache.evaluate import evaluate
 
     m = evaluate(checkpoint, store, out, batch_size=batch, device=device, num_workers=workers, allow_partial=allow_partial)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return
     mean_class = m["mean_class_accuracy"]
     counts = f"(store: {counts_text(m['store_videos'])})"
     typer.echo(f"{m['videos']} videos x {m['views']} views: top-1 {100 * m['top1']:.2f}%  top-{m['topk']} "

@@ -98,15 +98,28 @@ class StoreDataset(Dataset):
 
 class EpochSampler(Sampler[int]):
     """Endless stream of items: epoch e is a permutation of the done videos, each with a random view,
-    drawn from numpy's generator seeded by (seed, e). ``start`` skips that many items (resume)."""
+    drawn from numpy's generator seeded by (seed, e). ``start`` skips that many items (resume).
 
-    def __init__(self, videos: np.ndarray, num_views: int, seed: int, start: int = 0) -> None:
+    Data parallel: the global stream is cut into blocks of ``block`` items dealt round robin to the
+    ``world_size`` ranks, and this sampler yields rank ``rank``'s blocks. With block = global batch /
+    world size, rank r reads items [r*block, (r+1)*block) of every global batch, so which items form
+    global batch g never depends on the world size. ``start`` (a global position) must then fall on
+    a global batch boundary.
+    """
+
+    def __init__(self, videos: np.ndarray, num_views: int, seed: int, start: int = 0,
+                 rank: int = 0, world_size: int = 1, block: int = 1) -> None:
         self.videos = np.asarray(videos, dtype=np.int64)
         if len(self.videos) == 0:
             raise ValueError("no done videos to sample from")
+        if not (world_size >= 1 and 0 <= rank < world_size and block >= 1):
+            raise ValueError(f"bad shard: rank {rank} of {world_size}, block {block}")
+        if world_size > 1 and start % (block * world_size):
+            raise ValueError(f"start {start} is not a multiple of block x world_size = {block * world_size}")
         self.num_views = int(num_views)
         self.seed = int(seed)
         self.start = int(start)
+        self.rank, self.world_size, self.block = int(rank), int(world_size), int(block)
 
     def epoch_items(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch])
@@ -115,11 +128,17 @@ class EpochSampler(Sampler[int]):
         return order * self.num_views + views
 
     def __iter__(self) -> Iterator[int]:
-        epoch, offset = divmod(self.start, len(self.videos))
+        n = len(self.videos)
+        epoch, offset = divmod(self.start, n)
+        pos = self.start  # global position of items[offset]
         while True:
-            items = self.epoch_items(epoch)
-            for item in items[offset:]:
+            items = self.epoch_items(epoch)[offset:]
+            if self.world_size > 1:
+                positions = pos + np.arange(len(items))
+                items = items[(positions // self.block) % self.world_size == self.rank]
+            for item in items:
                 yield int(item)
+            pos += n - offset
             epoch, offset = epoch + 1, 0
 
 
@@ -141,17 +160,20 @@ def eval_items(store: CacheStore) -> list[int]:
 
 def make_loader(path: str, batch_size: int, *, train: bool, seed: int = 0, start: int = 0,
                 num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False,
-                items: list[int] | None = None) -> DataLoader:
+                items: list[int] | None = None, rank: int = 0, world_size: int = 1,
+                block: int | None = None) -> DataLoader:
     """A DataLoader yielding batched decoder dicts (``feats``, ``attn`` | ``q``/``k``, ``label``, ``video``).
 
-    ``train``: endless `EpochSampler` stream from position ``start`` in full batches; otherwise the
+    ``train``: endless `EpochSampler` stream from global position ``start`` in full batches (in a
+    data-parallel run, this rank's blocks of ``block`` items, default ``batch_size``); otherwise the
     given ``items`` (default: `eval_items`) once, last batch partial. The loader gets its own
     generator so creating it never draws from the global torch RNG (exact resume).
     """
     dataset = StoreDataset(path)
     store = dataset.store
     if train:
-        sampler: Any = EpochSampler(store.done_indices(), store.num_views, seed, start)
+        sampler: Any = EpochSampler(store.done_indices(), store.num_views, seed, start, rank=rank,
+                                    world_size=world_size, block=block or batch_size)
         batches = BatchSampler(sampler, batch_size, drop_last=True)
     else:
         batches = BatchSampler(items if items is not None else eval_items(store), batch_size, drop_last=False)

@@ -68,15 +68,27 @@ def compute_metrics(scores: np.ndarray, labels: np.ndarray, class_names: list[st
 
 @torch.no_grad()
 def collect_view_probs(model: torch.nn.Module, store_path: str, batch_size: int = 64, device: torch.device | str = "cpu",
-                       num_workers: int = 0, amp: str = "off") -> tuple[np.ndarray, np.ndarray]:
-    """Softmax of every (done video, view) of a store: (probs (M, C) float32, video index (M,))."""
-    from evl_cache.data import make_loader, to_device
+                       num_workers: int = 0, amp: str = "off", dist: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax of every (done video, view) of a store: (probs (M, C) float32, video index (M,)).
+
+    With ``dist`` (an `evl_cache.distributed.Dist` of several ranks) each rank scores a contiguous
+    share of the (video, view) items and the shares are gathered in rank order, so every rank gets
+    the single-process arrays (same rows in the same order).
+    """
+    from evl_cache.data import eval_items, make_loader, to_device
 
     device = torch.device(device)
     was_training = model.training
     model.eval()
+    items = None
+    if dist is not None and dist.active:
+        from evl_cache.distributed import shard_bounds
+
+        every = eval_items(open_store(store_path))
+        lo, hi = shard_bounds(len(every), dist.rank, dist.world_size)
+        items = every[lo:hi]
     loader = make_loader(store_path, batch_size, train=False, num_workers=num_workers,
-                         pin_memory=device.type == "cuda")
+                         pin_memory=device.type == "cuda", items=items)
     probs, videos = [], []
     try:
         for batch in loader:
@@ -88,9 +100,13 @@ def collect_view_probs(model: torch.nn.Module, store_path: str, batch_size: int 
             videos.append(vid.numpy())
     finally:
         model.train(was_training)
-    if not probs:
-        return np.zeros((0, model.cfg.num_classes), np.float32), np.zeros((0,), np.int64)
-    return np.concatenate(probs), np.concatenate(videos)
+    num_classes = model.cfg.num_classes
+    mine = (np.concatenate(probs) if probs else np.zeros((0, num_classes), np.float32),
+            np.concatenate(videos) if videos else np.zeros((0,), np.int64))
+    if dist is None or not dist.active:
+        return mine
+    shares = dist.gather(mine)
+    return np.concatenate([p for p, _ in shares]), np.concatenate([v for _, v in shares])
 
 
 def autocast(device: torch.device, amp: str):
@@ -137,25 +153,31 @@ def evaluate(checkpoint: str | os.PathLike, store: str, out_dir: str | os.PathLi
     """Evaluate a checkpoint on a store; with ``out_dir``, write metrics.json, predictions.csv and
     confusion_matrix.png there. Returns the metrics dict, whose ``store_videos`` says how many of
     the store's videos are done (evaluated), failed (skipped) and pending (refused unless
-    ``allow_partial``)."""
-    from evl_cache.backbone import resolve_device
-    from evl_cache.checkpoints import load_checkpoint
+    ``allow_partial``).
 
-    dev = resolve_device(device)
-    model, meta = load_checkpoint(checkpoint, device=dev)
-    st = open_store(store)
-    check_store_fits(meta, st.attrs, model.cfg.num_classes, store)
-    counts = video_counts(st)
-    require_complete(counts, store, allow_partial)
-    if counts["done"] == 0:
-        raise UserError(f"store {store} has no extracted videos; run `evl-cache extract` to completion first")
-    probs, view_videos = collect_view_probs(model, store, batch_size, dev, num_workers)
+    Under torchrun the views are scored sharded over the ranks and gathered (the same arrays as one
+    process); every rank returns the metrics and only rank 0 writes ``out_dir``."""
+    from evl_cache.checkpoints import load_checkpoint
+    from evl_cache.distributed import join
+
+    dist, dev = join(device)
+    try:
+        model, meta = load_checkpoint(checkpoint, device=dev)
+        st = open_store(store)
+        check_store_fits(meta, st.attrs, model.cfg.num_classes, store)
+        counts = video_counts(st)
+        require_complete(counts, store, allow_partial)
+        if counts["done"] == 0:
+            raise UserError(f"store {store} has no extracted videos; run `evl-cache extract` to completion first")
+        probs, view_videos = collect_view_probs(model, store, batch_size, dev, num_workers, dist=dist)
+    finally:
+        dist.close()
     videos, scores = video_scores(probs, view_videos)
     labels = st.labels()[videos].astype(np.int64)
     names = st.class_names
     metrics = compute_metrics(scores, labels, names)
     metrics.update(checkpoint=str(checkpoint), store=store, views=st.num_views, store_videos=counts)
-    if out_dir is not None:
+    if out_dir is not None and dist.main:
         write_outputs(Path(out_dir), metrics, scores, videos, labels, st.paths(), names)
     return metrics
 

@@ -14,6 +14,10 @@ Run directory layout::
 
 ``train_state.pt`` holds only tensors and plain Python values and is read with
 ``torch.load(weights_only=True)``; `--resume` continues the loss sequence bit for bit.
+
+Data parallel (torchrun, or Ray Train through `evl_cache.distributed`): ``train.batch_size`` stays
+the global batch, split over ranks x grad_accum; rank r reads slice r of every global batch of the
+one sample stream, DDP averages the gradients, and only rank 0 writes the run directory.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,15 +37,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evl_cache.backbone import resolve_device
 from evl_cache.completeness import require_complete, store_line, video_counts
-from evl_cache.config import RunConfig, check_store_pair, decoder_config_for_store, save_config
+from evl_cache.config import RunConfig, TrainConfig, check_store_pair, decoder_config_for_store, save_config
+from evl_cache.data import to_device
+from evl_cache.distributed import Dist, env_world_size, join, rank_seed
 from evl_cache.errors import UserError
+from evl_cache.evaluate import autocast, collect_view_probs, compute_metrics, video_scores
 from evl_cache.store import open_store
 
 STATE_FILE = "train_state.pt"
 # Settings that may change between an interrupted run and its resume without changing the result.
 RESUMABLE_CHANGES = {"checkpoint_every", "eval_every", "log_every", "eval_batch_size", "device"}
+# Settings a resume may change that keep the global batch and the sample order but change the float
+# summation order (like a different world size): e.g. more accumulation on fewer GPUs.
+REGROUPABLE_CHANGES = {"grad_accum"}
 
 
 @dataclass
@@ -56,9 +66,11 @@ class TrainSummary:
     checkpoint: str | None
     plots: list[str] = field(default_factory=list)
     store_videos: dict[str, dict[str, int]] = field(default_factory=dict)  # {"train"/"val": done/failed/pending}
+    world_size: int = 1  # data-parallel processes (torchrun / Ray Train workers)
 
     def lines(self) -> list[str]:
-        out = [f"trained steps {self.start_step}..{self.steps} ({self.samples} clip-views) in {self.seconds:.1f} s "
+        where = f" on {self.world_size} processes" if self.world_size > 1 else ""
+        out = [f"trained steps {self.start_step}..{self.steps} ({self.samples} clip-views){where} in {self.seconds:.1f} s "
                f"({self.samples_per_s:.1f} samples/s); final loss {self.final_loss if self.final_loss is None else round(self.final_loss, 4)}"]
         if self.val_top1 is not None:
             out.append(f"validation top-1 {100 * self.val_top1:.2f}%")
@@ -141,7 +153,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ------------------------------------------------------------------------------- the loop
+# ------------------------------------------------------------------------------- resume state
 
 
 def _items_digest(store: Any) -> str:
@@ -163,7 +175,7 @@ def _check_resume(saved: dict[str, Any], cfg: RunConfig, digest: str, where: Pat
     new = cfg.to_dict()
     for section in ("model", "train"):
         for key, value in new[section].items():
-            if key in RESUMABLE_CHANGES:
+            if key in RESUMABLE_CHANGES or key in REGROUPABLE_CHANGES:
                 continue
             if old[section].get(key) != value:
                 raise UserError(f"cannot resume {where}: {section}.{key} was {old[section].get(key)!r}, now {value!r}; "
@@ -192,24 +204,24 @@ def _read_metrics(path: Path, upto: int) -> list[dict[str, Any]]:
     return out
 
 
-def train(cfg: RunConfig, out_dir: str | os.PathLike, resume: bool = False, until_step: int | None = None,
-          progress: bool = True, echo: Callable[[str], None] | None = None) -> TrainSummary:
-    """Train a decoder on ``cfg.data.train_store``, writing the run directory ``out_dir``.
+# ------------------------------------------------------------------------------- setup
 
-    ``until_step`` stops early (after that many optimizer steps in total) as if interrupted: the
-    cosine schedule still spans ``cfg.train.steps``, and `resume` continues from the last state.
-    A store with pending videos is refused unless ``cfg.data.allow_partial``; ``echo`` receives one
-    line per store with its done/failed/pending counts before training starts.
-    """
-    from evl_cache.checkpoints import save_checkpoint
-    from evl_cache.data import make_loader, to_device
-    from evl_cache.decoder import EVLDecoder
-    from evl_cache.evaluate import autocast, collect_view_probs, compute_metrics, video_scores
-    from evl_cache.plots import plot_training
 
-    cfg = cfg.validated()
-    t = cfg.train
-    out = Path(out_dir)
+@dataclass
+class Inputs:
+    """The checked stores a run trains (and validates) on."""
+
+    attrs: dict[str, Any]
+    val_attrs: dict[str, Any] | None
+    val_labels: np.ndarray | None
+    counts: dict[str, dict[str, int]]  # {"train"/"val": done/failed/pending}
+    num_done: int  # videos one epoch visits
+    digest: str  # `_items_digest` of the train store, pinned by resume
+    dcfg: Any  # the DecoderConfig the train store implies
+
+
+def open_inputs(cfg: RunConfig) -> Inputs:
+    """Open and check the train (and val) store: shapes, pairing, completeness, labels."""
     if not cfg.data.train_store:
         raise UserError("no training store given; pass --train-store PATH (or data.train_store in the config)")
     store = open_store(cfg.data.train_store)
@@ -218,7 +230,7 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, resume: bool = False, unti
     partial_flag = "--allow-partial (data.allow_partial: true)"
     counts = {"train": video_counts(store)}
     require_complete(counts["train"], cfg.data.train_store, cfg.data.allow_partial, partial_flag)
-    val_attrs = None
+    val_attrs, val_labels = None, None
     if cfg.data.val_store:
         val_store = open_store(cfg.data.val_store)
         check_store_pair(attrs, val_store.attrs, cfg.data.val_store)
@@ -233,139 +245,342 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, resume: bool = False, unti
     if labels.min() < 0 or labels.max() >= dcfg.num_classes:
         raise UserError(f"store {cfg.data.train_store} has unlabelled or out-of-range labels "
                         f"({int(labels.min())}..{int(labels.max())} for {dcfg.num_classes} classes); train on a labelled split")
-    digest = _items_digest(store)
+    return Inputs(attrs, val_attrs, val_labels, counts, len(done), _items_digest(store), dcfg)
+
+
+def split_batch(t: TrainConfig, world_size: int) -> int:
+    """Each rank's micro-batch: the global batch split over world_size x grad_accum, or one line refusing it."""
+    parts = world_size * t.grad_accum
+    if t.batch_size % parts:
+        raise UserError(f"train.batch_size={t.batch_size} (the global batch) is not divisible by world size {world_size} "
+                        f"x train.grad_accum {t.grad_accum} = {parts}; use a multiple of {parts}, or change the number "
+                        f"of processes or train.grad_accum")
+    return t.batch_size // parts
+
+
+def _check_run_dir(out: Path, resume: bool) -> None:
     state_path = out / STATE_FILE
     if state_path.exists() and not resume:
         raise UserError(f"{out} already holds a training run ({STATE_FILE}); pass --resume to continue it or choose a new --out")
     if resume and not state_path.exists():
         raise UserError(f"nothing to resume in {out} (no {STATE_FILE}); drop --resume to start a new run")
-    saved = _load_state(state_path) if resume else None
-    if saved is not None:
-        _check_resume(saved, cfg, digest, out)
-    if echo is not None:
-        echo(store_line("train store", cfg.data.train_store, counts["train"]))
-        if "val" in counts:
-            echo(store_line("val store", cfg.data.val_store, counts["val"]))
 
-    device = resolve_device(t.device)
-    amp = resolve_amp(t.amp, device)
+
+def _store_lines(cfg: RunConfig, inputs: Inputs) -> list[str]:
+    lines = [store_line("train store", cfg.data.train_store, inputs.counts["train"])]
+    if "val" in inputs.counts:
+        lines.append(store_line("val store", cfg.data.val_store, inputs.counts["val"]))
+    return lines
+
+
+def preflight(cfg: RunConfig, out: Path, resume: bool, echo: Callable[[str], None] | None = None) -> Inputs:
+    """Every refusal a run can meet before it starts (stores, run directory); ``echo`` gets the store lines.
+    A launcher (Ray Train's driver) calls it so bad input is one line before any worker starts."""
+    inputs = open_inputs(cfg)
+    _check_run_dir(out, resume)
+    if resume:
+        _check_resume(_load_state(out / STATE_FILE), cfg, inputs.digest, out)
+    for line in _store_lines(cfg, inputs) if echo is not None else []:
+        echo(line)
+    return inputs
+
+
+def _saved_state(out: Path, resume: bool, cfg: RunConfig, digest: str) -> dict[str, Any] | None:
+    """The checked resume state of ``out`` (None for a new run); run on rank 0, which owns the run directory."""
+    _check_run_dir(out, resume)
+    if not resume:
+        return None
+    saved = _load_state(out / STATE_FILE)
+    _check_resume(saved, cfg, digest, out)
+    return saved
+
+
+# ------------------------------------------------------------------------------- model and optimizer
+
+
+@dataclass
+class Parts:
+    """What the loop updates. ``model`` is the decoder (saved, evaluated); ``net`` is what a training
+    step calls: the decoder itself, or DistributedDataParallel around it."""
+
+    model: Any
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+
+def build_parts(dcfg: Any, t: TrainConfig, device: torch.device, amp: str, dist: Dist) -> Parts:
+    """Seeded decoder, AdamW, per-step cosine and grad scaler (every rank builds the same weights).
+
+    With several ranks, torch's RNG is then reseeded per rank so each rank draws its own dropout
+    masks (dropout therefore depends on the world size; see docs/distributed.md, "Dropout and RNG").
+    """
+    from evl_cache.decoder import EVLDecoder
+
     torch.manual_seed(t.seed)
     np.random.seed(t.seed % 2**32)
     random.seed(t.seed)
     model = EVLDecoder(dcfg).to(device)
+    net: torch.nn.Module = model
+    if dist.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        torch.manual_seed(rank_seed(t.seed, dist.rank))
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, t.steps, t.warmup_steps, t.min_lr / t.lr if t.lr else 0.0))
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
-    start = 0
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        if saved["scaler"]:
-            scaler.load_state_dict(saved["scaler"])
-        start = int(saved["step"])
-        set_rng_state(saved["rng"])
+    return Parts(model, net, opt, sched, scaler)
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    metrics_path = out / "metrics.jsonl"
-    records = _read_metrics(metrics_path, start) if resume else []
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    meta_fn = lambda step: checkpoint_meta(attrs, val_attrs, cfg.data.train_store, step)  # noqa: E731
 
-    micro = t.batch_size // t.grad_accum
-    loader = make_loader(cfg.data.train_store, micro, train=True, seed=t.seed, start=start * t.batch_size,
-                         num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
-                         pin_memory=cfg.data.pin_memory and device.type == "cuda")
-    end = t.steps if until_step is None else min(t.steps, until_step)
+def restore(parts: Parts, saved: dict[str, Any], dist: Dist, seed: int) -> int:
+    """Load a resume state into ``parts``; returns the step it was saved at.
 
-    def save_state(step: int) -> str:
-        ck = save_checkpoint(out / "checkpoints" / f"step_{step:07d}", model, meta_fn(step))
-        _write_atomic(state_path, {
-            "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-            "config": cfg.to_dict(), "items_digest": digest,
-            "window": {"loss": win_loss.detach().cpu().clone(), "steps": win_steps},
-        })
-        return str(ck)
+    Same world size: every rank gets back its own RNG state (exact resume). Another world size: the
+    sample order still continues (the sampler position is global), and each rank's dropout stream is
+    reseeded from (seed, rank, step).
+    """
+    parts.model.load_state_dict(saved["model"])
+    parts.opt.load_state_dict(saved["optimizer"])
+    parts.sched.load_state_dict(saved["scheduler"])
+    if saved["scaler"]:
+        parts.scaler.load_state_dict(saved["scaler"])
+    step = int(saved["step"])
+    rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # one dict: a 1-process state
+    if len(rngs) == dist.world_size:
+        set_rng_state(rngs[dist.rank])
+    else:
+        torch.manual_seed(rank_seed(seed, dist.rank, step))
+    return step
 
-    def validate(step: int) -> dict[str, Any]:
-        probs, vids = collect_view_probs(model, cfg.data.val_store, t.eval_batch_size, device,
-                                         cfg.data.num_workers, amp)
-        videos, scores = video_scores(probs, vids)
-        m = compute_metrics(scores, val_labels[videos].astype(np.int64), list(attrs["class_names"]))
-        return {"step": step, "val_top1": m["top1"], "val_top5": m["top5"], "val_mean_class": m["mean_class_accuracy"]}
 
-    def log(rec: dict[str, Any]) -> None:
-        records.append(rec)
-        with open(metrics_path, "a") as fh:
+# ------------------------------------------------------------------------------- the run directory
+
+
+class RunDir:
+    """The run directory. Only rank 0 holds an enabled one; on other ranks every write is a no-op."""
+
+    def __init__(self, out: Path, enabled: bool) -> None:
+        self.out = out
+        self.enabled = enabled
+        self.metrics_path = out / "metrics.jsonl"
+        self.records: list[dict[str, Any]] = []
+
+    def begin(self, cfg: RunConfig, start: int, resume: bool) -> None:
+        """config.yaml, and metrics.jsonl cut back to the resumed step (later lines were never checkpointed)."""
+        if not self.enabled:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.out / "config.yaml")
+        self.records = _read_metrics(self.metrics_path, start) if resume else []
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    def log(self, rec: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.records.append(rec)
+        with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
 
-    bar = _Bar(progress, start, end)
-    model.train()
-    it = iter(loader)
-    began = time.perf_counter()
-    window_t, window_n = began, 0
-    last_loss, last_val, last_ck = None, None, None
-    loss_acc = torch.zeros((), device=device)  # this step's loss (mean over its micro-batches)
-    win_loss, win_steps = torch.zeros((), device=device), 0  # running sum over the current log window
-    if saved is not None and "window" in saved:
-        win_loss, win_steps = saved["window"]["loss"].to(device), int(saved["window"]["steps"])
-    try:
-        for step in range(start, end):
-            lr = sched.get_last_lr()[0]
-            opt.zero_grad(set_to_none=True)
-            for _ in range(t.grad_accum):
-                batch = to_device(next(it), device)
-                label = batch.pop("label").long()
-                batch.pop("video")
-                with autocast(device, amp):
-                    logits = model(batch)
+    def save(self, step: int, model: Any, meta: dict[str, Any], state: Callable[[], dict[str, Any]]) -> str | None:
+        """Checkpoint ``checkpoints/step_N`` and the resume state; returns the checkpoint path."""
+        if not self.enabled:
+            return None
+        from evl_cache.checkpoints import save_checkpoint
+
+        ck = save_checkpoint(self.out / "checkpoints" / f"step_{step:07d}", model, meta)
+        _write_atomic(self.out / STATE_FILE, state())
+        return str(ck)
+
+    def finish(self, model: Any, meta: dict[str, Any] | None) -> tuple[str | None, list[str]]:
+        """The final decoder (when ``meta``: the schedule ran to its end) and the plots."""
+        if not self.enabled:
+            return None, []
+        from evl_cache.checkpoints import save_checkpoint
+        from evl_cache.plots import plot_training
+
+        final = str(save_checkpoint(self.out / "model", model, meta)) if meta is not None else None
+        return final, [str(p) for p in plot_training(self.records, self.out / "plots")]
+
+    def write_summary(self, summary: "TrainSummary") -> None:
+        if self.enabled:
+            (self.out / "summary.json").write_text(json.dumps(summary.__dict__, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------- the loop
+
+
+class Loop:
+    """The optimizer-step loop: one global batch per step, logging, validation and checkpoints on schedule.
+
+    Every rank runs every method at the same steps (they hold collectives); only rank 0's `RunDir`
+    writes. The logged loss is the mean over the global batch: each rank's micro-batch loss is a mean,
+    divided by grad_accum, and DDP averages the gradients over the ranks (equal local batches).
+    """
+
+    def __init__(self, cfg: RunConfig, inputs: Inputs, parts: Parts, dist: Dist, device: torch.device, amp: str,
+                 run: RunDir, loader: Any, window: dict[str, Any] | None) -> None:
+        self.cfg, self.t, self.inputs, self.parts = cfg, cfg.train, inputs, parts
+        self.dist, self.device, self.amp, self.run_dir, self.loader = dist, device, amp, run, loader
+        self.win_loss = torch.zeros((), device=device)  # running sum of step losses over the log window
+        self.win_steps = 0
+        if window is not None:
+            self.win_loss, self.win_steps = window["loss"].to(device), int(window["steps"])
+        self.last_loss: float | None = None
+        self.last_val: float | None = None
+        self.last_ck: str | None = None
+
+    def meta(self, step: int) -> dict[str, Any]:
+        return checkpoint_meta(self.inputs.attrs, self.inputs.val_attrs, self.cfg.data.train_store, step)
+
+    def train_step(self, it: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One optimizer step over this rank's share of a global batch: (global mean loss, video ids read)."""
+        t, p = self.t, self.parts
+        p.opt.zero_grad(set_to_none=True)
+        loss_acc = torch.zeros((), device=self.device)
+        videos = []
+        for a in range(t.grad_accum):
+            batch = next(it)
+            videos.append(batch.pop("video"))
+            batch = to_device(batch, self.device)
+            label = batch.pop("label").long()
+            # gradients are all-reduced once per step, on the last micro-batch
+            sync = p.net.no_sync() if self.dist.active and a < t.grad_accum - 1 else nullcontext()
+            with sync:
+                with autocast(self.device, self.amp):
+                    logits = p.net(batch)
                 loss = F.cross_entropy(logits.float(), label, label_smoothing=t.label_smoothing)
-                scaler.scale(loss / t.grad_accum).backward()
-                loss_acc += loss.detach() / t.grad_accum
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            n = step + 1
-            window_n += t.batch_size
-            win_loss += loss_acc
-            win_steps += 1
-            if n % t.log_every == 0 or n == t.steps:  # not at until_step: the window carries over
-                now = time.perf_counter()
-                last_loss = float(loss_acc.item())
-                mean_loss = float(win_loss.item()) / win_steps
-                sps = window_n / max(now - window_t, 1e-9)
-                log({"step": n, "loss": last_loss, "loss_mean": mean_loss, "lr": lr, "samples_per_s": sps,
-                     "epoch": n * t.batch_size / len(done)})
-                bar.update(n, mean_loss, lr, sps)
-                window_t, window_n = now, 0
-                win_loss.zero_()
-                win_steps = 0
-            loss_acc.zero_()
-            if cfg.data.val_store and (n % t.eval_every == 0 or n == t.steps):
-                rec = validate(n)
-                last_val = rec["val_top1"]
-                log(rec)
-                bar.note(f"step {n}: val top-1 " + ("n/a (no labelled videos)" if last_val is None else f"{100 * last_val:.2f}%"))
-                window_t = time.perf_counter()  # samples/s measures training, not validation
-            if n % t.checkpoint_every == 0 or n == end:
-                last_ck = save_state(n)
-                window_t = time.perf_counter()
+                p.scaler.scale(loss / t.grad_accum).backward()
+            loss_acc += loss.detach() / t.grad_accum
+        p.scaler.step(p.opt)
+        p.scaler.update()
+        p.sched.step()
+        return self.dist.all_mean_(loss_acc), videos
+
+    def batch_digest(self, videos: list[torch.Tensor]) -> str:
+        """sha256 (16 hex) of the global batch's video ids in global order: which clips a step read."""
+        mine = torch.cat(videos).numpy().astype(np.int64)
+        return hashlib.sha256(np.concatenate(self.dist.gather(mine)).tobytes()).hexdigest()[:16]
+
+    def validate(self, step: int) -> dict[str, Any]:
+        """Validation metrics of the current decoder; the views are scored sharded over the ranks."""
+        t = self.t
+        probs, vids = collect_view_probs(self.parts.model, self.cfg.data.val_store, t.eval_batch_size, self.device,
+                                         self.cfg.data.num_workers, self.amp, dist=self.dist)
+        videos, scores = video_scores(probs, vids)
+        m = compute_metrics(scores, self.inputs.val_labels[videos].astype(np.int64), list(self.inputs.attrs["class_names"]))
+        return {"step": step, "val_top1": m["top1"], "val_top5": m["top5"], "val_mean_class": m["mean_class_accuracy"]}
+
+    def save(self, step: int) -> str | None:
+        """Checkpoint and resume state (the RNG states of every rank, gathered to rank 0)."""
+        p = self.parts
+        rngs = self.dist.gather(rng_state())
+        state = lambda: {  # noqa: E731 - built on rank 0 only
+            "step": step, "model": p.model.state_dict(), "optimizer": p.opt.state_dict(),
+            "scheduler": p.sched.state_dict(), "scaler": p.scaler.state_dict(), "rng": rngs,
+            "world_size": self.dist.world_size, "config": self.cfg.to_dict(), "items_digest": self.inputs.digest,
+            "window": {"loss": self.win_loss.detach().cpu().clone(), "steps": self.win_steps},
+        }
+        return self.run_dir.save(step, p.model, self.meta(step), state)
+
+    def run(self, start: int, end: int, progress: bool) -> float:
+        """Steps ``start``..``end``; returns the seconds spent."""
+        t = self.t
+        bar = _Bar(progress and self.dist.main, start, end)
+        self.parts.model.train()
+        it = iter(self.loader)
+        began = time.perf_counter()
+        window_t, window_n = began, 0
+        try:
+            for step in range(start, end):
+                lr = self.parts.sched.get_last_lr()[0]
+                loss, videos = self.train_step(it)
+                n = step + 1
+                window_n += t.batch_size
+                self.win_loss += loss
+                self.win_steps += 1
+                if n % t.log_every == 0 or n == t.steps:  # not at until_step: the window carries over
+                    now = time.perf_counter()
+                    self.last_loss = float(loss.item())
+                    mean_loss = float(self.win_loss.item()) / self.win_steps
+                    sps = window_n / max(now - window_t, 1e-9)
+                    self.run_dir.log({"step": n, "loss": self.last_loss, "loss_mean": mean_loss, "lr": lr,
+                                      "samples_per_s": sps, "epoch": n * t.batch_size / self.inputs.num_done,
+                                      "batch_digest": self.batch_digest(videos)})
+                    bar.update(n, mean_loss, lr, sps)
+                    window_t, window_n = now, 0
+                    self.win_loss.zero_()
+                    self.win_steps = 0
+                if self.cfg.data.val_store and (n % t.eval_every == 0 or n == t.steps):
+                    rec = self.validate(n)
+                    self.last_val = rec["val_top1"]
+                    self.run_dir.log(rec)
+                    bar.note(f"step {n}: val top-1 " + ("n/a (no labelled videos)" if self.last_val is None
+                                                        else f"{100 * self.last_val:.2f}%"))
+                    window_t = time.perf_counter()  # samples/s measures training, not validation
+                if n % t.checkpoint_every == 0 or n == end:
+                    self.last_ck = self.save(n)
+                    window_t = time.perf_counter()
+        finally:
+            bar.close()
+            del it
+        return time.perf_counter() - began
+
+
+def train(cfg: RunConfig, out_dir: str | os.PathLike, resume: bool = False, until_step: int | None = None,
+          progress: bool = True, echo: Callable[[str], None] | None = None) -> TrainSummary:
+    """Train a decoder on ``cfg.data.train_store``, writing the run directory ``out_dir``.
+
+    ``until_step`` stops early (after that many optimizer steps in total) as if interrupted: the
+    cosine schedule still spans ``cfg.train.steps``, and `resume` continues from the last state.
+    A store with pending videos is refused unless ``cfg.data.allow_partial``; ``echo`` receives one
+    line per store with its done/failed/pending counts before training starts.
+
+    Under torchrun (or Ray Train, see `evl_cache.distributed`) this process is one rank of a
+    data-parallel run: it reads its share of every global batch and only rank 0 writes ``out_dir``.
+    """
+    cfg = cfg.validated()
+    split_batch(cfg.train, env_world_size())  # refuse before opening a process group
+    dist, device = join(cfg.train.device)
+    try:
+        return _train(cfg, Path(out_dir), dist, device, resume, until_step, progress, echo)
     finally:
-        bar.close()
-        del it
-    seconds = time.perf_counter() - began
-    if end == t.steps:
-        final = save_checkpoint(out / "model", model, meta_fn(end))
-        last_ck = str(final)
-    plots = [str(p) for p in plot_training(records, out / "plots")]
+        dist.close()
+
+
+def _train(cfg: RunConfig, out: Path, dist: Dist, device: torch.device, resume: bool, until_step: int | None,
+           progress: bool, echo: Callable[[str], None] | None) -> TrainSummary:
+    """`train`'s steps: inputs, resume state, model, run directory, loader, loop, final outputs."""
+    from evl_cache.data import make_loader
+
+    t = cfg.train
+    micro = split_batch(t, dist.world_size)
+    inputs = open_inputs(cfg)
+    saved = dist.from_main(lambda: _saved_state(out, resume, cfg, inputs.digest))
+    if echo is not None and dist.main:
+        for line in _store_lines(cfg, inputs):
+            echo(line)
+    amp = resolve_amp(t.amp, device)
+    parts = build_parts(inputs.dcfg, t, device, amp, dist)
+    start = restore(parts, saved, dist, t.seed) if saved is not None else 0
+    run = RunDir(out, enabled=dist.main)
+    run.begin(cfg, start, resume)
+    loader = make_loader(cfg.data.train_store, micro, train=True, seed=t.seed, start=start * t.batch_size,
+                         num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
+                         pin_memory=cfg.data.pin_memory and device.type == "cuda",
+                         rank=dist.rank, world_size=dist.world_size, block=micro * t.grad_accum)
+    end = t.steps if until_step is None else min(t.steps, until_step)
+    loop = Loop(cfg, inputs, parts, dist, device, amp, run, loader, saved.get("window") if saved else None)
+    seconds = loop.run(start, end, progress)
+    final, plots = run.finish(parts.model, loop.meta(end) if end == t.steps else None)
     samples = (end - start) * t.batch_size
     summary = TrainSummary(out_dir=str(out), steps=end, start_step=start, samples=samples, seconds=seconds,
-                           samples_per_s=samples / seconds if seconds > 0 else 0.0, final_loss=last_loss,
-                           val_top1=last_val, checkpoint=last_ck, plots=plots, store_videos=counts)
-    (out / "summary.json").write_text(json.dumps(summary.__dict__, indent=2) + "\n")
+                           samples_per_s=samples / seconds if seconds > 0 else 0.0, final_loss=loop.last_loss,
+                           val_top1=loop.last_val, checkpoint=final or loop.last_ck, plots=plots,
+                           store_videos=inputs.counts, world_size=dist.world_size)
+    run.write_summary(summary)
     return summary
 
 
