@@ -5,7 +5,7 @@ float32, int8:<scales>, float8_e4m3:<scales>) and ``attn_format`` (the maps' `Ma
 uint8, topK[:uint8]). `StoreFormats` turns those into the list of stored arrays (codes, scales,
 top-k indices), encodes the backbone's float outputs on the extraction worker, and decodes a batch
 of stored arrays on the device where the batch lands, so it crosses PCIe at its stored size.
-Formats and their measured errors: docs/cache-format.md, benchmarks/bench_quant.py.
+Formats: docs/cache-format.md; their measured errors: benchmarks/bench_quant.py.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ sha256, shard size); arrays sit flat under the root, so a store has no nested di
   ``decode_meta`` (N, 2) float32 (frames in the file, fps);
 - tensors, one array per kind with every cached block inside one chunk: ``feats`` (N, V, K, T, L, C)
   block outputs (CLS included), and ``attn`` (N, V, K, 2, T-1, P, P) adjacent-frame maps (attention
-  ``maps``) or ``qk`` (N, V, K, 2, T, L, H, D) raw q and k (attention ``qk``); compact formats add
-  their scales and top-k indices as arrays of their own (`evl_cache.formats.StoreFormats`).
+  ``maps``) or ``qk`` (N, V, K, 2, T, L, H, D) raw q and k (attention ``qk``); compact formats pack
+  their codes, scales and top-k indices into the same array's chunks (`evl_cache.formats.StoreFormats`).
 
 Chunk = one (video, view); shard = S consecutive videos, one file per tensor array, written by
 exactly one task, so writers never share a file. Chunk keys use ``.`` separators (``c.7.0.0...``),
