@@ -166,7 +166,7 @@ def new_layout_projection(attrs: dict[str, Any], n: int, fixed: int) -> dict[str
 
 def projection_configs(attrs: dict[str, Any]) -> list[dict[str, Any]]:
     """The new layout's count by formula at N = 240,436 for other configurations: where the bound
-    1.2 x shard files + 20 holds and where it does not (the table's 5 x ceil(N/4096) chunk files
+    1.2 x shard files + 20 holds and where it does not (the table's 5 x ceil(N/TABLE_CHUNK) chunk files
     outgrow 0.2 x the shard files once S exceeds ~164 x arrays)."""
     l14 = dict(attrs, frames=32, tokens=577, width=1024, heads=16, grid=[24, 24], num_views=3)
     configs = [
@@ -582,7 +582,7 @@ def report_marking(res: dict[str, Any], out: list[str]) -> None:
                      r["load_ms"]])
     out.append(md_table(["N", "S", "shards", "old mark", "new mark (a)", "new flush (b)", "a + b",
                          *[f"(c) flush every {FLUSH_SECONDS:g} s @ {k} videos/s" for k in RATES], "VideoTable load"], rows))
-    out.append("\nShards per flush interval and dirty 4096-video chunks per flush: " + "; ".join(
+    out.append("\nShards per flush interval and dirty table chunks (TABLE_CHUNK videos each) per flush: " + "; ".join(
         f"S={r['S']}, N={r['N']:,}: " + ", ".join(f"{k} v/s {a['shards_per_flush']} shards/{a['dirty_chunks']}" for k, a in r["amortised"].items())
         for r in res["marking"]))
 
