@@ -448,16 +448,9 @@ def count_entries(path: str) -> tuple[int, int]:
 
 def sync_files(files: Iterable[str]) -> None:
     """fsync each file, then each containing directory (so the renames that created them are durable)."""
-    dirs = set()
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        dirs.add(os.path.dirname(f))
-    for d in dirs:
-        fd = os.open(d, os.O_RDONLY)
+    files = list(files)
+    for path in [*files, *sorted({os.path.dirname(f) for f in files})]:
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:

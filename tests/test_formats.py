@@ -17,20 +17,14 @@ from evl_cache.formats import feature_format, map_format
 from evl_cache.store import create_store, open_store
 from evl_cache.verify import verify_store
 from evl_cache.video import ViewSet
-from test_train import SAMPLING, SPEC, write_videos
+from test_train import SAMPLING, SPEC, build_store, write_videos
 
 VIEWS = ViewSet("train", count=2, temporal=1, spatial=1, seed=0)
 
 
 def build(path: Path, paths: list[str], dtype: str = "float16", attn_dtype: str = "float16", attn_topk: int = 0) -> str:
-    cfg = ExtractConfig(backbone=SPEC, sampling=SAMPLING, views=VIEWS, blocks=[1, 2], dtype=dtype,
-                        attn_dtype=attn_dtype, attn_topk=attn_topk, shard_size=3)
-    attrs_probe = BackboneRunner(SPEC.to_dict(), [1, 2], "maps", "float16", device="cpu").backbone.describe()
-    attrs = store_attributes(attrs_probe, [1, 2], cfg, ["left", "right"], "t", {})
-    runner = BackboneRunner(SPEC.to_dict(), [1, 2], "maps", attrs["dtype"], device="cpu", attn_format=attrs["attn_format"])
-    store = create_store(str(path), attrs, paths, [i % 2 for i in range(len(paths))], shard_size=3)
-    extract_serially(store, runner, paths, [Path(p).name for p in paths])
-    return str(path)
+    return build_store(path, paths, [i % 2 for i in range(len(paths))], VIEWS, dtype=dtype, shard_size=3,
+                       attn_dtype=attn_dtype, attn_topk=attn_topk)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from evl_cache.store import (
     open_store,
 )
 from evl_cache.verify import verify_store
-from test_train import SAMPLING, SPEC, write_videos
+from test_train import SAMPLING, SPEC, build_store, write_videos
 from evl_cache.video import ViewSet
 
 VIEWS = ViewSet("train", count=2, temporal=1, spatial=1, seed=0)
@@ -39,13 +39,7 @@ EVL = [sys.executable, "-m", "evl_cache.cli"]
 
 
 def build(path: Path, paths: list[str], shard_size: int = 4, compressor: str | None = None) -> str:
-    cfg = ExtractConfig(backbone=SPEC, sampling=SAMPLING, views=VIEWS, blocks=[1, 2], shard_size=shard_size)
-    runner = BackboneRunner(SPEC.to_dict(), [1, 2], "maps", "float16", device="cpu")
-    attrs = store_attributes(runner.backbone.describe(), runner.backbone.blocks, cfg, ["left", "right"], "t", {})
-    store = create_store(str(path), attrs, paths, [i % 2 for i in range(len(paths))], shard_size=shard_size,
-                         compressor=compressor)
-    extract_serially(store, runner, paths, [Path(p).name for p in paths])
-    return str(path)
+    return build_store(path, paths, [i % 2 for i in range(len(paths))], VIEWS, shard_size=shard_size, compressor=compressor)
 
 
 @pytest.fixture(scope="module")

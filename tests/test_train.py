@@ -43,14 +43,17 @@ def write_videos(folder: Path, n: int, seed: int = 0) -> tuple[list[str], list[i
 
 def build_store(path: Path, paths: list[str], labels: list[int], views: ViewSet, *, dtype: str = "float16",
                 attention: str = "maps", blocks: list[int] | None = None, class_names=("left", "right"),
-                sampling: Sampling = SAMPLING, spec: BackboneSpec = SPEC, shard_size: int = 4) -> str:
-    """Extract `paths` into a store at `path` with extract's work units, serially (no Ray)."""
+                sampling: Sampling = SAMPLING, spec: BackboneSpec = SPEC, shard_size: int = 4,
+                compressor: str | None = None, **formats: object) -> str:
+    """Extract `paths` into a store at `path` with extract's work units, serially (no Ray).
+    ``formats``: ExtractConfig's attn_dtype / attn_topk."""
     blocks = [1, 2] if blocks is None else blocks
     cfg = ExtractConfig(backbone=spec, sampling=sampling, views=views, blocks=blocks, attention=attention,
-                        dtype=dtype, shard_size=shard_size)
-    runner = BackboneRunner(spec.to_dict(), blocks, attention, dtype, device="cpu")
-    attrs = store_attributes(runner.backbone.describe(), runner.backbone.blocks, cfg, list(class_names), "test", {})
-    store = create_store(str(path), attrs, paths, labels, shard_size=shard_size)
+                        dtype=dtype, shard_size=shard_size, compressor=compressor, **formats)
+    probe = BackboneRunner(spec.to_dict(), blocks, attention, "float16", device="cpu").backbone
+    attrs = store_attributes(probe.describe(), probe.blocks, cfg, list(class_names), "test", {})
+    runner = BackboneRunner(spec.to_dict(), blocks, attention, attrs["dtype"], device="cpu", attn_format=attrs["attn_format"])
+    store = create_store(str(path), attrs, paths, labels, shard_size=shard_size, compressor=compressor)
     extract_serially(store, runner, paths, [Path(p).name for p in paths])
     return str(path)
 
