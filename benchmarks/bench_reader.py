@@ -6,10 +6,12 @@ It builds two stores of random data at B/16 shapes (8 frames, 197 tokens, width 
 each it measures, cold (every shard file's pages dropped with posix_fadvise(DONTNEED) before the
 pass) and hot (the same pass again), payload GB/s and clip-views/s of:
 
-- raw: plain sequential reads of the shard files with 8 MiB buffers (the disk / page-cache ceiling);
+- raw: plain sequential reads of the shard files with one 8 MiB buffer (the disk / page-cache
+  ceiling), and the same reads into a batch-sized buffer (what writing to cold memory costs);
 - ChunkReader (evl_cache/store.py) per (video, view), training order (one epoch of
   `EpochSampler`: a permutation of the videos, a random view each) and store order, with and
-  without crc32c verification, and from a pool of threads (a bench-side pool, not project code);
+  without crc32c verification, into a new buffer per batch (as the DataLoader allocates), and from a
+  pool of threads (a bench-side pool, not project code);
 - the training DataLoader (`make_loader(train=True)`, batch 16) with 0, 1, 2 workers;
 - zarr-python (`arr[video, view]`, and a batch's chunks as concurrent `AsyncArray.getitem` calls);
 - zarrs (zarr-python with the `zarrs.ZarrsCodecPipeline`, strict: no silent fallback);
@@ -175,14 +177,38 @@ class Bench:
             return total // self.per_view, total
         return run
 
-    def chunk_reader_pass(self, order: str, verify: bool) -> Pass:
+    def raw_into_batch_pass(self) -> Pass:
+        """The raw read, but into consecutive slices of a batch-sized buffer (as a reader filling batch
+        slots does) instead of one cache-resident 8 MiB buffer: what the destination memory costs."""
+        dest = memoryview(bytearray(BATCH * self.per_view))
+
+        def run() -> tuple[int, int]:
+            total, pos = 0, 0
+            for f in self.files:
+                with open(f, "rb", buffering=0) as fh:
+                    while True:
+                        if pos + RAW_BUFFER > len(dest):
+                            pos = 0
+                        n = fh.readinto(dest[pos:pos + RAW_BUFFER])
+                        if not n:
+                            break
+                        total, pos = total + n, pos + n
+            return total // self.per_view, total
+        return run
+
+    def chunk_reader_pass(self, order: str, verify: bool, fresh: bool = False) -> Pass:
+        """ChunkReader per (video, view) chunk into a reused batch buffer, or (``fresh``) into a new
+        buffer per batch of 16, as `StoreDataset.__getitems__` allocates one."""
         pairs = self.train if order == "train" else self.ordered
         readers = {n: ChunkReader.open(self.path, n, verify_checksums=verify) for n in self.names}
 
         def run() -> tuple[int, int]:
+            buffers = self.buffers
             for i, (video, view) in enumerate(pairs):
+                if fresh and i % BATCH == 0:
+                    buffers = {n: np.empty((BATCH, *s.shape), dtype=s.dtype) for n, s in self.specs.items()}
                 for n, r in readers.items():
-                    r.read(video, view, out=self.buffers[n][i % BATCH])
+                    r.read(video, view, out=buffers[n][i % BATCH])
             return len(pairs), len(pairs) * self.per_view
         return run
 
@@ -358,6 +384,26 @@ def _ts_chunk(bench: Bench, video: int, view: int) -> dict[str, np.ndarray]:
     return got
 
 
+def zarr_oindex_probe(bench: Bench) -> dict[str, float]:
+    """zarr-python's orthogonal selection (the batched read zarr offers for (video, view) pairs, one
+    call per view) against plain indexing, on one hot 'feats' chunk: seconds each. Too slow to time
+    over a whole pass, so it is probed here and left out of the table."""
+    import zarr
+
+    video, view = bench.train[0]
+    arr = zarr.open_array(os.path.join(bench.path, "feats"), mode="r")
+    arr[video, view]  # pages in
+    out = {}
+    for name, read in (("arr[video, view]", lambda: arr[video, view]),
+                       ("arr.oindex[[video], view]", lambda: arr.oindex[np.array([video]), view])):
+        started = time.perf_counter()
+        got = np.asarray(read()).reshape(arr.shape[2:])
+        out[name] = time.perf_counter() - started
+        if got.tobytes() != ChunkReader.open(bench.path, "feats").read(video, view).tobytes():
+            raise AssertionError(f"zarr {name} differs from ChunkReader")
+    return out
+
+
 def corruption_check(workdir: str) -> dict[str, str]:
     """A 2-video fp16 store with one payload byte flipped in video 0 view 0's 'attn' chunk: does each
     reader refuse it? ('raises ...' = detected)."""
@@ -400,6 +446,42 @@ def corruption_check(workdir: str) -> dict[str, str]:
     return out
 
 
+def loader_child(path: str, passes: int) -> None:
+    """(child process) hot DataLoader passes, 0 workers: prints [[wall s, CPU s, GB], ...] as JSON."""
+    bench = Bench(path, 1)
+    run = bench.loader_pass(0)
+    run()  # pages in
+    out = []
+    for _ in range(passes):
+        wall, cpu = time.perf_counter(), time.process_time()
+        _, nbytes = run()
+        out.append([time.perf_counter() - wall, time.process_time() - cpu, nbytes / 1e9])
+    print(json.dumps(out))
+
+
+def thp_probe(path: str, passes: int = 3) -> dict[str, dict[str, float]]:
+    """The DataLoader (0 workers, hot) with torch's CPU allocator as is and with THP_MEM_ALLOC_ENABLE=1.
+
+    `StoreDataset.__getitems__` allocates each batch with torch.empty. With transparent huge pages in
+    ``madvise`` mode, torch's allocations get 4 KiB pages (numpy's get a huge-page madvise), so filling
+    a fresh 200 MB batch costs ~50,000 page faults. Each setting runs in its own process (torch reads
+    the variable once); the best of ``passes`` hot epochs is kept.
+    """
+    out = {}
+    for label, value in (("torch allocator as is", None), ("THP_MEM_ALLOC_ENABLE=1", "1")):
+        env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        if value:
+            env["THP_MEM_ALLOC_ENABLE"] = value
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+        res = subprocess.run([sys.executable, __file__, "--loader-child", path, "--repeats", str(passes)],
+                             capture_output=True, text=True, env=env, check=True)
+        runs = json.loads(res.stdout.strip().splitlines()[-1])
+        gb = runs[0][2]
+        out[label] = {"gb_per_s": gb / min(r[0] for r in runs), "cpu_s_per_gb": min(r[1] for r in runs) / gb,
+                      "load1": os.getloadavg()[0]}
+    return out
+
+
 def library_versions() -> dict[str, str]:
     out = {}
     from importlib.metadata import PackageNotFoundError, version
@@ -420,7 +502,10 @@ def methods(bench: Bench, libs: dict[str, str], workers: list[int]) -> list[tupl
     are left out (their reason is reported)."""
     out: list[tuple[str, Callable[[], Pass]]] = [
         ("raw sequential read (8 MiB buffers)", bench.raw_pass),
+        (f"raw sequential read into a {BATCH}-clip-view buffer", bench.raw_into_batch_pass),
         ("ChunkReader, training order, crc32c on", lambda: bench.chunk_reader_pass("train", True)),
+        ("ChunkReader, training order, crc32c on, new buffer per batch",
+         lambda: bench.chunk_reader_pass("train", True, fresh=True)),
         ("ChunkReader, training order, crc32c off", lambda: bench.chunk_reader_pass("train", False)),
         ("ChunkReader, store order, crc32c on", lambda: bench.chunk_reader_pass("store", True)),
         ("ChunkReader, store order, crc32c off", lambda: bench.chunk_reader_pass("store", False)),
@@ -561,7 +646,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="cold+hot rounds per method (fastest kept)")
     ap.add_argument("--keep", action="store_true", help="keep the stores")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench"))
+    ap.add_argument("--probe-only", action="store_true",
+                    help="only the DataLoader huge-page probe (writes reader_thp.json)")
+    ap.add_argument("--loader-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.loader_child:
+        loader_child(args.loader_child, args.repeats)
+        return
+    if args.probe_only:
+        probe_only(args)
+        return
 
     made_dir = args.store is None
     workdir = args.store or tempfile.mkdtemp(prefix="bench_reader_", dir=os.environ.get("BENCH_DIR"))
@@ -592,12 +686,18 @@ def main() -> None:
             libs = library_check(bench)
             report["checks"][f"{fmt}_library_reads"] = libs
             print("library reads vs ChunkReader: " + "; ".join(f"{k}: {v}" for k, v in libs.items()))
+            if libs.get("zarr") == "ok":
+                probe = report["checks"][f"{fmt}_zarr_oindex_probe_s"] = zarr_oindex_probe(bench)
+                print("zarr-python, one hot 'feats' chunk: " + ", ".join(f"{k} {v:.3f} s" for k, v in probe.items()))
             failed: dict[str, str] = {}
             rows = measure_all(bench, methods(bench, libs, args.workers), args.repeats, lambda m: print(m, flush=True), failed)
             if failed:
                 report["checks"][f"{fmt}_failed"] = failed
                 print("failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
             report["results"][fmt] = rows
+            thp = report["checks"][f"{fmt}_loader_thp_probe"] = thp_probe(path)
+            print("DataLoader, 0 workers, hot: " + "; ".join(f"{k}: {v['gb_per_s']:.3f} GB/s, {v['cpu_s_per_gb']:.2f} CPU s/GB"
+                                                              for k, v in thp.items()))
             report["machine"]["total_bytes_" + fmt] = size
             print("\n" + table(fmt, rows) + "\n")
     finally:
@@ -619,6 +719,18 @@ def main() -> None:
     if report["results"]:
         plot(report, out / "reader.png")
     print(f"\nwrote {out / 'reader.json'} and {out / 'reader.png'}; load average at the end {report['machine']['load_end']:.1f}")
+
+
+def probe_only(args: argparse.Namespace) -> None:
+    if not args.store:
+        raise SystemExit("--probe-only needs --store DIR holding fp16.zarr / int8.zarr (build them with --keep)")
+    out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "load_start": os.getloadavg()[0]}
+    for fmt in args.formats:
+        probe = out[fmt] = thp_probe(os.path.join(args.store, f"{fmt}.zarr"))
+        print(f"{fmt}: DataLoader, 0 workers, hot: " + "; ".join(
+            f"{k}: {v['gb_per_s']:.3f} GB/s, {v['cpu_s_per_gb']:.2f} CPU s/GB (load {v['load1']:.1f})" for k, v in probe.items()))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "reader_thp.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
