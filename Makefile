@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install test test-slow demo bench reproduce-table1 ablation-table8 pretrain-tiny clean
+.PHONY: install test test-slow demo bench reproduce-table1 ablation-table8 formats-table pretrain-tiny clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ reproduce-table1: $(STAMP)
 
 ablation-table8: $(STAMP)
 	$(K400_VARS) $(PY) pipelines/ablation_table8.py $(if $(K400_ROOT),--k400)
+
+# The demo benchmark trained from every cache storage format (issue 9): results/formats/table.md + PNG.
+# About an hour of CPU; SMOKE=1 runs the same recipe at toy size in about a minute.
+formats-table: $(STAMP)
+	$(PY) pipelines/format_accuracy.py $(SMOKE_FLAG) $(FORMATS_ARGS)
 
 # The step-based command recorded in evl_cache/assets/tiny_vit/PRETRAIN.md (reproduces the committed weights' schedule).
 PRETRAIN_ARGS ?= --seed 0 --steps 4036 --batch 48 --lr 0.002 --attn-weight 0.5 --obj-weight 4.0

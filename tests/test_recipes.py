@@ -254,3 +254,57 @@ def test_demo_end_to_end(tmp_path):
                                                                            "train", "eval"}
     for png in ("loss.png", "confusion_matrix.png"):
         assert (tmp_path / "out" / png).stat().st_size > 5_000
+
+
+# ------------------------------------------------------------------------------ storage formats vs accuracy
+
+
+def test_format_recipe_selects_each_format_at_extraction():
+    from format_accuracy import BASELINE, FORMATS, RUN_ORDER, format_recipe, select_formats
+
+    assert sorted(RUN_ORDER) == sorted(f.name for f in FORMATS) and RUN_ORDER[0] == BASELINE
+
+    recipe = load_recipe(ROOT / "configs" / "synthetic_demo.yaml")
+    plans = {f.name: extract_plan(format_recipe(recipe, f), "eval:1x1", num_cpus=1) for f in FORMATS}
+    assert (plans["int8"].dtype, plans["int8"].attn_dtype, plans["int8"].attn_topk) == ("int8", "float16", 0)
+    assert (plans["int8_u8maps"].dtype, plans["int8_u8maps"].attn_dtype) == ("int8", "uint8")
+    assert plans["top8"].attn_topk == 8 and plans["fp8"].dtype == "float8_e4m3"
+    # the plans differ only in the format keys, so the ledger keys differ and the caches are separate
+    base = plans[BASELINE].key()
+    for name, plan in plans.items():
+        diff = {k for k, v in plan.key().items() if base[k] != v}
+        assert diff <= {"dtype", "attn_dtype", "attn_topk"} and (diff or name == BASELINE), name
+    assert recipe["extract"]["dtype"] == "float16"  # the recipe itself is not modified
+    assert [f.name for f in select_formats("top8,int8")] == [BASELINE, "int8", "top8"]
+    with pytest.raises(UserError, match="unknown format.*int4"):
+        select_formats("int4")
+
+
+@pytest.mark.slow
+def test_format_accuracy_smoke_has_every_row(tmp_path):
+    from format_accuracy import FORMATS
+
+    from evl_cache.store import open_store
+
+    args = ("--smoke", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))
+    _run("format_accuracy.py", *args, timeout=900)
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert "SMOKE RUN" in md and (tmp_path / "out" / "top1_vs_bytes.png").stat().st_size > 10_000
+    for f in FORMATS:
+        assert f"| {f.label} |" in md, f.label
+    data = json.loads((tmp_path / "out" / "table.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert list(rows) == [f.name for f in FORMATS] and not [r for r in data["rows"] if "error" in r]
+    for f in FORMATS:
+        r = rows[f.name]
+        store = open_store(str(ROOT / r["train_store"]) if not Path(r["train_store"]).is_absolute() else r["train_store"])
+        # each row was trained from a store that really holds its format
+        assert store.attrs["dtype"].split(":")[0] == f.dtype and r["bytes_per_view"] == store.raw_bytes_per_view()
+        assert (f"top{f.attn_topk}" in store.attrs["attn_format"]) == bool(f.attn_topk)
+        assert ("uint8" in store.attrs["attn_format"]) == (f.attn_dtype == "uint8")
+        assert 0 <= r["top1"] <= 1 and r["disk_bytes"] > 0 and "delta" in r and "pass" in r
+    size = {n: r["bytes_per_view"] for n, r in rows.items()}
+    assert size["int8_u8maps"] < size["top8"] < size["top16"] < size["int8"] < size["u8maps"] < size["float16"] < size["float32"]
+    assert size["fp8"] == size["int8"]
+    again = _run("format_accuracy.py", *args)
+    assert again.stdout.count("[skip]") == 1 + 4 * len(FORMATS) and "[done]" not in again.stdout
