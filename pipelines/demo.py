@@ -129,12 +129,12 @@ class _maybe_ray:
 def write_report(out: Path, ledger: Ledger, metrics: dict[str, Any], kinds: dict[str, str], note: str, arch: str,
                  run_dir: Path, eval_dir: Path, train_store: Path, val_store: Path, wall: float, threads: int,
                  cfg: Any) -> dict[str, Any]:
-    from evl_cache.store import directory_bytes, open_store
+    from evl_cache.store import count_entries, open_store
 
     out.mkdir(parents=True, exist_ok=True)
     split = split_accuracy(metrics, kinds)
     stages = {name: res.seconds for name, res in ledger.results.items()}
-    cache = {"train": directory_bytes(str(train_store)), "eval": directory_bytes(str(val_store))}
+    cache = {"train": count_entries(str(train_store))[1], "eval": count_entries(str(val_store))[1]}
     st = open_store(str(train_store))
     vs = open_store(str(val_store))
     plots = {}
