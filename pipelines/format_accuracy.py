@@ -46,9 +46,11 @@ class Format:
     dtype: str = "float16"
     attn_dtype: str = "float16"
     attn_topk: int = 0
+    layout: str = "full"  # "prefix": only the residual stream entering the first decoded block is cached
+    train_views: str | None = None  # None: the recipe's (eval:1x1); "train:V" caches V augmented views per video
 
     def extract_keys(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "attn_dtype": self.attn_dtype, "attn_topk": self.attn_topk}
+        return {"dtype": self.dtype, "attn_dtype": self.attn_dtype, "attn_topk": self.attn_topk, "layout": self.layout}
 
 
 # The tiny ViT reads 64 px frames in 8 px patches: P = 64 patches per frame, so a map row has 64
@@ -63,12 +65,19 @@ FORMATS = (
     Format("top16", "float16 + top-16 maps", attn_topk=16),
     Format("top8", "float16 + top-8 maps", attn_topk=8),
     Format("int8_u8maps", "int8 + uint8 maps", dtype="int8", attn_dtype="uint8"),
+    Format("prefix16", "prefix layout, float16", layout="prefix"),
+    Format("prefix8", "prefix layout, float8_e4m3", dtype="float8_e4m3", layout="prefix"),
     Format("float32", "float32", dtype="float32"),
+    # Issue 9's V experiment: the reference draws a fresh augmentation every epoch, a cache fixes V of them.
+    # The prefix layout is what makes V views affordable, so these rows use it (float16, to isolate V).
+    *(Format(f"views{v}", f"prefix fp16, {v} augmented view{'s' * (v > 1)}", layout="prefix", train_views=f"train:{v}")
+      for v in (1, 2, 4, 8)),
 )
 BASELINE = "float16"
 # Run order (the table keeps FORMATS order): the baseline, then the compact combination and the
 # feature formats, so an interrupted run has the most telling cells first; float32 last.
-RUN_ORDER = ("float16", "int8_u8maps", "int8", "fp8", "top8", "u8maps", "top16", "float32")
+RUN_ORDER = ("float16", "int8_u8maps", "prefix8", "int8", "fp8", "top8", "prefix16", "u8maps", "top16", "float32",
+             "views1", "views2", "views4", "views8")
 
 # --smoke: the same recipe at toy size (every class, 2 train + 1 val videos each, a few steps):
 # it tests the recipe end to end, its accuracies mean nothing.
@@ -101,6 +110,8 @@ def smoke_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
 def format_recipe(recipe: dict[str, Any], fmt: Format) -> dict[str, Any]:
     r = copy.deepcopy(recipe)
     r["extract"] = {**r["extract"], **fmt.extract_keys()}
+    if fmt.train_views:
+        r["pipeline"] = {**r["pipeline"], "train_views": fmt.train_views}
     return r
 
 
@@ -142,7 +153,7 @@ def run_format(fmt: Format, recipe: dict[str, Any], work: Path, baseline_work: P
     ex = {n: c.ledger.results[n] for n in ("extract_train", "extract_eval")}
     return {
         "data_dir": str(c.data_dir), "kinds": c.kinds, "backbone": c.note,
-        "feature_format": st.attrs["dtype"], "map_format": st.attrs.get("attn_format", "float16"),
+        "feature_format": st.attrs["dtype"], "map_format": map_label(fmt), "train_views": st.num_views,
         "top1": m["top1"], "top5": m["top5"], "topk": m["topk"], "videos": m["videos"],
         **split_accuracy(m, c.kinds),
         "bytes_per_view": st.raw_bytes_per_view(), "bytes_per_view_eval": vs.raw_bytes_per_view(),
@@ -175,8 +186,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         session.__enter__()
     try:
         for i, fmt in enumerate(sorted(formats, key=lambda f: RUN_ORDER.index(f.name)), 1):
-            say(f"\n=== format {i}/{len(formats)}: {fmt.label} (--dtype {fmt.dtype} --attn-dtype {fmt.attn_dtype}"
-                f" --attn-topk {fmt.attn_topk}) -> {rel(work_dir(fmt, work, baseline_work))}")
+            say(f"\n=== format {i}/{len(formats)}: {fmt.label} (--layout {fmt.layout} --dtype {fmt.dtype}"
+                f" --attn-dtype {fmt.attn_dtype} --attn-topk {fmt.attn_topk}) -> {rel(work_dir(fmt, work, baseline_work))}")
             try:
                 row = run_format(fmt, recipe, work, baseline_work, data_dir, backbone, threads, not args.no_progress)
             except Exception as err:  # noqa: BLE001 - a crashing format is a failing cell, not the end of the table
@@ -216,19 +227,19 @@ def write_table(out: Path, result: dict[str, Any]) -> dict[str, Any]:
     rows, base = result["rows"], result["rows"][BASELINE]
     v = verdicts(result)
     smoke = result["smoke"]
-    header = ["format", "features", "maps", "top-1", "Δ top-1 vs fp16 (points)", "within 1 point", "top-5",
+    header = ["format", "features", "maps", "train views", "top-1", "Δ top-1 vs fp16 (points)", "within 1 point", "top-5",
               "motion", "appearance", "bytes / clip-view", "vs fp16", "on disk (train + eval)", "per view on disk",
               "extract", "train"]
     table = []
     for fmt in result["formats"]:
         r = rows[fmt.name]
         if "error" in r:
-            table.append([fmt.label, fmt.dtype, map_label(fmt), "FAILED", "-", "**fail** (crashed)", "-", "-", "-",
+            table.append([fmt.label, fmt.dtype, map_label(fmt), fmt.train_views or "1", "FAILED", "-", "**fail** (crashed)", "-", "-", "-",
                           "-", "-", "-", "-", "-", "-"])
             continue
         d = v[fmt.name]
         table.append([
-            fmt.label, r["feature_format"], r["map_format"], pct(r["top1"]),
+            fmt.label, r["feature_format"], r["map_format"], str(r.get("train_views", 1)), pct(r["top1"]),
             "0 (baseline)" if fmt.name == BASELINE else f"{d['delta']:+.2f}",
             "-" if fmt.name == BASELINE else ("pass" if d["pass"] else "**fail**"),
             pct(r["top5"]), pct(r["motion"]), pct(r["appearance"]),
@@ -278,6 +289,8 @@ def write_table(out: Path, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def map_label(fmt: Format) -> str:
+    if fmt.layout == "prefix":
+        return "recomputed (tail blocks)"
     return f"top{fmt.attn_topk}:{fmt.attn_dtype}" if fmt.attn_topk else fmt.attn_dtype
 
 
