@@ -76,6 +76,7 @@ class DataConfig:
     prefetch_factor: int = 2
     pin_memory: bool = True
     allow_partial: bool = False  # use a store whose extraction has pending videos (see completeness.py)
+    train_views: int = 0  # train on the first N cached views of each video only (0: all): a V-view cache from a larger one
 
 
 @dataclass

@@ -108,7 +108,7 @@ class EpochSampler(Sampler[int]):
     """
 
     def __init__(self, videos: np.ndarray, num_views: int, seed: int, start: int = 0,
-                 rank: int = 0, world_size: int = 1, block: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, block: int = 1, use_views: int = 0) -> None:
         self.videos = np.asarray(videos, dtype=np.int64)
         if len(self.videos) == 0:
             raise ValueError("no done videos to sample from")
@@ -116,7 +116,10 @@ class EpochSampler(Sampler[int]):
             raise ValueError(f"bad shard: rank {rank} of {world_size}, block {block}")
         if world_size > 1 and start % (block * world_size):
             raise ValueError(f"start {start} is not a multiple of block x world_size = {block * world_size}")
-        self.num_views = int(num_views)
+        self.num_views = int(num_views)  # the store's V: items are ``video * V + view``
+        if not 0 <= use_views <= self.num_views:
+            raise ValueError(f"use_views {use_views} is outside 0..{self.num_views} (the store's views per video)")
+        self.use_views = int(use_views) or self.num_views  # views drawn from: the first use_views of V
         self.seed = int(seed)
         self.start = int(start)
         self.rank, self.world_size, self.block = int(rank), int(world_size), int(block)
@@ -124,7 +127,7 @@ class EpochSampler(Sampler[int]):
     def epoch_items(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch])
         order = self.videos[rng.permutation(len(self.videos))]
-        views = rng.integers(0, self.num_views, size=len(order))
+        views = rng.integers(0, self.use_views, size=len(order))
         return order * self.num_views + views
 
     def __iter__(self) -> Iterator[int]:
@@ -161,19 +164,20 @@ def eval_items(store: CacheStore) -> list[int]:
 def make_loader(path: str, batch_size: int, *, train: bool, seed: int = 0, start: int = 0,
                 num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False,
                 items: list[int] | None = None, rank: int = 0, world_size: int = 1,
-                block: int | None = None) -> DataLoader:
+                block: int | None = None, views: int = 0) -> DataLoader:
     """A DataLoader yielding batched decoder dicts (``feats``, ``attn`` | ``q``/``k``, ``label``, ``video``).
 
     ``train``: endless `EpochSampler` stream from global position ``start`` in full batches (in a
     data-parallel run, this rank's blocks of ``block`` items, default ``batch_size``); otherwise the
-    given ``items`` (default: `eval_items`) once, last batch partial. The loader gets its own
+    given ``items`` (default: `eval_items`) once, last batch partial. ``views`` > 0 trains on the
+    first ``views`` cached views of every video only (with all of them, the same stream). The loader gets its own
     generator so creating it never draws from the global torch RNG (exact resume).
     """
     dataset = StoreDataset(path)
     store = dataset.store
     if train:
         sampler: Any = EpochSampler(store.done_indices(), store.num_views, seed, start, rank=rank,
-                                    world_size=world_size, block=block or batch_size)
+                                    world_size=world_size, block=block or batch_size, use_views=views)
         batches = BatchSampler(sampler, batch_size, drop_last=True)
     else:
         batches = BatchSampler(items if items is not None else eval_items(store), batch_size, drop_last=False)

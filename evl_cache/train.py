@@ -238,6 +238,9 @@ def open_inputs(cfg: RunConfig) -> Inputs:
         require_complete(counts["val"], cfg.data.val_store, cfg.data.allow_partial, partial_flag)
         val_attrs = val_store.attrs
         val_labels = val_store.labels()
+    if not 0 <= cfg.data.train_views <= store.num_views:
+        raise UserError(f"data.train_views={cfg.data.train_views} but store {cfg.data.train_store} caches "
+                        f"{store.num_views} view(s) per video; use 0 (all) up to {store.num_views}")
     done = store.done_indices()
     if len(done) == 0:
         raise UserError(f"store {cfg.data.train_store} has no extracted videos; run `evl-cache extract` to completion first")
@@ -570,7 +573,8 @@ def _train(cfg: RunConfig, out: Path, dist: Dist, device: torch.device, resume: 
     loader = make_loader(cfg.data.train_store, micro, train=True, seed=t.seed, start=start * t.batch_size,
                          num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
                          pin_memory=cfg.data.pin_memory and device.type == "cuda",
-                         rank=dist.rank, world_size=dist.world_size, block=micro * t.grad_accum)
+                         rank=dist.rank, world_size=dist.world_size, block=micro * t.grad_accum,
+                         views=cfg.data.train_views)
     end = t.steps if until_step is None else min(t.steps, until_step)
     loop = Loop(cfg, inputs, parts, dist, device, amp, run, loader, saved.get("window") if saved else None)
     seconds = loop.run(start, end, progress)

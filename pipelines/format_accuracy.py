@@ -48,6 +48,8 @@ class Format:
     attn_topk: int = 0
     layout: str = "full"  # "prefix": only the residual stream entering the first decoded block is cached
     train_views: str | None = None  # None: the recipe's (eval:1x1); "train:V" caches V augmented views per video
+    use_views: int = 0  # train on the first N cached views only (data.train_views); 0: all
+    cache: str | None = None  # share this folder's caches (and ledger) with the other rows naming it
 
     def extract_keys(self) -> dict[str, Any]:
         return {"dtype": self.dtype, "attn_dtype": self.attn_dtype, "attn_topk": self.attn_topk, "layout": self.layout}
@@ -70,14 +72,16 @@ FORMATS = (
     Format("float32", "float32", dtype="float32"),
     # Issue 9's V experiment: the reference draws a fresh augmentation every epoch, a cache fixes V of them.
     # The prefix layout is what makes V views affordable, so these rows use it (float16, to isolate V).
-    *(Format(f"views{v}", f"prefix fp16, {v} augmented view{'s' * (v > 1)}", layout="prefix", train_views=f"train:{v}")
-      for v in (1, 2, 4, 8)),
+    # One store caches 8 augmented views per video; the V row trains on its first V views (each view's
+    # augmentation is seeded by (seed, video, view), so those are exactly what a V-view extraction caches).
+    *(Format(f"views{v}", f"prefix fp16, {v} augmented view{'s' * (v > 1)}", layout="prefix", train_views="train:8",
+             use_views=v, cache="views8") for v in (1, 2, 4, 8)),
 )
 BASELINE = "float16"
 # Run order (the table keeps FORMATS order): the baseline, then the compact combination and the
 # feature formats, so an interrupted run has the most telling cells first; float32 last.
-RUN_ORDER = ("float16", "int8_u8maps", "prefix8", "int8", "fp8", "top8", "prefix16", "u8maps", "top16", "float32",
-             "views1", "views2", "views4", "views8")
+RUN_ORDER = ("float16", "int8_u8maps", "prefix8", "views1", "views2", "views4", "views8", "int8", "fp8", "top8",
+             "prefix16", "u8maps", "top16", "float32")
 
 # --smoke: the same recipe at toy size (every class, 2 train + 1 val videos each, a few steps):
 # it tests the recipe end to end, its accuracies mean nothing.
@@ -116,7 +120,7 @@ def format_recipe(recipe: dict[str, Any], fmt: Format) -> dict[str, Any]:
 
 
 def work_dir(fmt: Format, work: Path, baseline_work: Path) -> Path:
-    return baseline_work if fmt.name == BASELINE else work / fmt.name
+    return baseline_work if fmt.name == BASELINE else work / (fmt.cache or fmt.name)
 
 
 def pending_extractions(formats: list[Format], work: Path, baseline_work: Path) -> bool:
@@ -140,11 +144,13 @@ def run_format(fmt: Format, recipe: dict[str, Any], work: Path, baseline_work: P
     c = prepare_cache(r, wd, threads, backbone=backbone, data_dir=data_dir)
     # The baseline uses the demo's stage and folder names, so it is the demo's own training.
     cfg = run_config(r, str(c.train_store), str(c.val_store))
-    run_dir, eval_dir = wd / "train", wd / "eval"
+    cfg.data.train_views = fmt.use_views
+    tag = f"_{fmt.name}" if fmt.cache else ""  # rows sharing a cache folder train and evaluate apart
+    run_dir, eval_dir = wd / f"train{tag}", wd / f"eval{tag}"
     say(f"[4/5] {fmt.label}: train {cfg.train.steps} steps x batch {cfg.train.batch_size} -> {rel(run_dir)}")
-    tr = train_stage(c.ledger, "train", cfg, run_dir, progress=progress)
+    tr = train_stage(c.ledger, f"train{tag}", cfg, run_dir, progress=progress)
     say(f"[5/5] {fmt.label}: evaluate -> {rel(eval_dir)}")
-    ev = eval_stage(c.ledger, "eval", run_dir / "model", c.val_store, eval_dir)
+    ev = eval_stage(c.ledger, f"eval{tag}", run_dir / "model", c.val_store, eval_dir)
     m = read_metrics(eval_dir)
     st, vs = open_store(str(c.train_store)), open_store(str(c.val_store))
     si, vi = st.info(), vs.info()
@@ -153,7 +159,7 @@ def run_format(fmt: Format, recipe: dict[str, Any], work: Path, baseline_work: P
     ex = {n: c.ledger.results[n] for n in ("extract_train", "extract_eval")}
     return {
         "data_dir": str(c.data_dir), "kinds": c.kinds, "backbone": c.note,
-        "feature_format": st.attrs["dtype"], "map_format": map_label(fmt), "train_views": st.num_views,
+        "feature_format": st.attrs["dtype"], "map_format": map_label(fmt), "train_views": fmt.use_views or st.num_views,
         "top1": m["top1"], "top5": m["top5"], "topk": m["topk"], "videos": m["videos"],
         **split_accuracy(m, c.kinds),
         "bytes_per_view": st.raw_bytes_per_view(), "bytes_per_view_eval": vs.raw_bytes_per_view(),
@@ -234,7 +240,7 @@ def write_table(out: Path, result: dict[str, Any]) -> dict[str, Any]:
     for fmt in result["formats"]:
         r = rows[fmt.name]
         if "error" in r:
-            table.append([fmt.label, fmt.dtype, map_label(fmt), fmt.train_views or "1", "FAILED", "-", "**fail** (crashed)", "-", "-", "-",
+            table.append([fmt.label, fmt.dtype, map_label(fmt), str(fmt.use_views or 1), "FAILED", "-", "**fail** (crashed)", "-", "-", "-",
                           "-", "-", "-", "-", "-", "-"])
             continue
         d = v[fmt.name]

@@ -173,6 +173,32 @@ def test_epoch_sampler_visits_every_video_once_per_epoch():
     assert [next(resumed) for _ in range(6)] == stream[6:]
 
 
+def test_epoch_sampler_trains_on_the_first_views_only():
+    """data.train_views: a V-view cache serves as a smaller one (issue 9's V experiment reads one 8-view store)."""
+    from evl_cache.data import EpochSampler
+
+    videos = np.arange(50)
+    full = iter(EpochSampler(videos, num_views=8, seed=3))
+    same = iter(EpochSampler(videos, num_views=8, seed=3, use_views=8))
+    assert [next(full) for _ in range(120)] == [next(same) for _ in range(120)]
+    two = iter(EpochSampler(videos, num_views=8, seed=3, use_views=2))
+    items = [next(two) for _ in range(200)]
+    assert {i % 8 for i in items} == {0, 1}  # only views 0 and 1, both used
+    assert sorted(i // 8 for i in items[:50]) == list(range(50))
+    with pytest.raises(ValueError, match="outside 0..8"):
+        EpochSampler(videos, num_views=8, seed=3, use_views=9)
+
+
+def test_train_views_beyond_the_store_are_refused(stores, tmp_path):
+    cfg = tiny_cfg(stores)
+    cfg.data.train_views = 3  # the train store caches 2 views per video
+    with pytest.raises(UserError, match="caches 2 view"):
+        train(cfg, tmp_path / "run")
+    cfg.data.train_views = 1
+    summary = train(cfg, tmp_path / "run1", progress=False)
+    assert summary.final_loss is not None
+
+
 def test_loader_batches_match_store_reads_with_a_worker(stores):
     from evl_cache.data import make_loader
 
