@@ -321,3 +321,34 @@ def test_emb_chunk_damage_is_caught(env, tmp_path):
     assert [b[0] for b in verify_store(str(store)).bad] == [0]
     with pytest.raises(StoreDataError, match="crc32c"):
         read_embeddings(open_store(str(store)), np.array([0]))
+
+
+def test_emb_settings_and_emb_only_refusals(env, tmp_path):
+    from evl_cache.datasets import load_manifest
+
+    cfg = ExtractConfig.from_settings({"weights": "random", "blocks": "none", "emb": True})
+    assert cfg.blocks == [] and cfg.emb is True
+    assert ExtractConfig.from_settings({"weights": "random"}).emb is False
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text(f"path,label\n{Path(env['videos'][0]).name},left\n")
+    manifest = load_manifest("list", str(env["root"]), "train", annotations=str(csv_path))
+    spec = BackboneSpec(arch=TINY_CLIP, weights=str(env["weights"]), precision="fp32")
+    with pytest.raises(UserError, match="add --emb"):
+        extract(manifest, str(tmp_path / "a.zarr"), ExtractConfig(backbone=spec, blocks=[]))
+    with pytest.raises(UserError, match="--layout prefix needs cached blocks"):
+        extract(manifest, str(tmp_path / "b.zarr"), ExtractConfig(backbone=spec, blocks=[], emb=True, layout="prefix"))
+    assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()
+
+
+def test_prefix_layout_stores_the_same_emb(env):
+    """--layout prefix --emb: the stream entering the first cached block plus the same emb as a full store."""
+    from evl_cache.extract import decode_video
+
+    spec = BackboneSpec(arch=TINY_CLIP, weights=str(env["weights"]), precision="fp32")
+    decoded = decode_video(env["videos"][0], "v0.mp4", SAMPLING, VIEWS, 32, 4)
+    full, _ = BackboneRunner(spec.to_dict(), [1, 2], "none", "float32", device="cpu", emb=True).compute(8, decoded)
+    prefix, _ = BackboneRunner(spec.to_dict(), [1, 2], "none", "float32", device="cpu", layout="prefix",
+                               emb=True).compute(8, decoded)
+    assert sorted(prefix) == ["emb", "prefix"] and prefix["emb"].shape == (1, 2, 4, 32)
+    np.testing.assert_allclose(prefix["emb"].astype(np.float64), full["emb"].astype(np.float64), rtol=0, atol=1e-3)
+    np.testing.assert_allclose(full["emb"][0].astype(np.float64), stored_emb(env["full"])[0], rtol=0, atol=1e-3)
