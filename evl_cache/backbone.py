@@ -260,11 +260,14 @@ class FrozenCLIPBackbone(nn.Module):
       ``feats`` (B, K, T, L, C): outputs of the K captured blocks, CLS token at index 0;
       attention ``maps``: ``attn`` (B, K, 2, T-1, P, P): [.., 0, j] = A_prev of frame j+1,
       [.., 1, j] = A_next of frame j (softmax over patch keys of q.k/sqrt(D), head-averaged);
-      attention ``qk``: ``q``, ``k`` (B, K, T, L, H, D), after the in-projection, unscaled.
+      attention ``qk``: ``q``, ``k`` (B, K, T, L, H, D), after the in-projection, unscaled;
+      with ``emb``: ``emb`` (B, T, E), the per-frame CLIP image embedding ``ln_post(CLS) @ proj``
+      (what open_clip's ``encode_image`` returns), for which every block runs, not only up to the
+      last captured one. ``blocks=[]`` with ``emb`` captures no block: an emb-only store.
     """
 
     def __init__(self, visual: nn.Module, blocks: list[int] | None = None, attention: str = "maps",
-                 spec: BackboneSpec | None = None, weights_id: str = "") -> None:
+                 spec: BackboneSpec | None = None, weights_id: str = "", emb: bool = False) -> None:
         super().__init__()
         if attention not in ATTENTION_MODES:
             raise UserError(f"unknown attention mode '{attention}'; use one of {', '.join(ATTENTION_MODES)}")
@@ -275,7 +278,10 @@ class FrozenCLIPBackbone(nn.Module):
         self.num_layers = len(resblocks)
         blocks = list(range(max(0, self.num_layers - 4), self.num_layers)) if blocks is None else [int(b) for b in blocks]
         blocks = [b + self.num_layers if b < 0 else b for b in blocks]
-        if not blocks or any(b < 0 or b >= self.num_layers for b in blocks) or blocks != sorted(set(blocks)):
+        self.emb = bool(emb)
+        if self.emb:
+            check_token_pooled(visual)
+        if (not blocks and not self.emb) or any(b < 0 or b >= self.num_layers for b in blocks) or blocks != sorted(set(blocks)):
             raise UserError(f"blocks {blocks} invalid for a {self.num_layers}-block ViT; give increasing indices in 0..{self.num_layers - 1}")
         self.blocks = blocks
         self.attention = attention
@@ -287,6 +293,7 @@ class FrozenCLIPBackbone(nn.Module):
         self.grid = (int(visual.grid_size[0]), int(visual.grid_size[1]))
         self.num_patches = self.grid[0] * self.grid[1]
         self.num_tokens = 1 + self.num_patches
+        self.embed_dim = int(visual.proj.shape[1]) if getattr(visual, "proj", None) is not None else 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -347,6 +354,23 @@ class FrozenCLIPBackbone(nn.Module):
         return x.view(b, t, *x.shape[1:])
 
     @torch.no_grad()
+    def prefix_outputs(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What a prefix-layout store caches: ``prefix`` (B, T, L, C), plus ``emb`` (B, T, E) when
+        asked for, computed by running the remaining blocks on the same stream."""
+        prefix = self.prefix(frames)
+        if not self.emb:
+            return {"prefix": prefix}
+        b, t = prefix.shape[:2]
+        x = prefix.flatten(0, 1)
+        for block in self.visual.transformer.resblocks[self.blocks[0]:]:
+            x = block(x)
+        return {"prefix": prefix, "emb": self.embed_tokens(x).view(b, t, -1)}
+
+    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's output (N, L, C) -> CLIP image embeddings (N, E): ``ln_post(CLS) @ proj``."""
+        return self.visual.ln_post(x[:, 0]) @ self.visual.proj
+
+    @torch.no_grad()
     def forward_from(self, prefix: torch.Tensor) -> dict[str, torch.Tensor]:
         """What `forward` returns, from the residual stream entering the first captured block (B, T, L, C)."""
         b, t = prefix.shape[:2]
@@ -354,10 +378,12 @@ class FrozenCLIPBackbone(nn.Module):
         return self.run_blocks(x, b, t, start=self.blocks[0])
 
     def run_blocks(self, x: torch.Tensor, b: int, t: int, start: int) -> dict[str, torch.Tensor]:
-        """Run blocks ``start`` .. the last captured one on x (B*T, L, C), capturing feats and attention."""
+        """Run blocks ``start`` .. the last captured one (the last block with ``emb``) on x (B*T, L, C),
+        capturing feats and attention."""
         capture = set(self.blocks)
         feats, qs, ks, maps = [], [], [], []
-        for i in range(start, self.blocks[-1] + 1):
+        stop = self.num_layers if self.emb else self.blocks[-1] + 1
+        for i in range(start, stop):
             block = self.visual.transformer.resblocks[i]
             if i in capture and self.attention != "none":
                 q, k = self._qk(block, x)
@@ -371,7 +397,11 @@ class FrozenCLIPBackbone(nn.Module):
             x = block(x)
             if i in capture:
                 feats.append(x.view(b, t, *x.shape[1:]))
-        out = {"feats": torch.stack(feats, dim=1)}
+        out = {"feats": torch.stack(feats, dim=1)} if feats else {}
+        if self.emb:
+            out["emb"] = self.embed_tokens(x).view(b, t, -1)
+        if not feats:
+            return out
         if self.attention == "qk":
             out["q"] = torch.stack(qs, dim=1)
             out["k"] = torch.stack(ks, dim=1)
@@ -380,11 +410,20 @@ class FrozenCLIPBackbone(nn.Module):
         return out
 
 
+def check_token_pooled(visual: nn.Module) -> None:
+    """Refuse towers whose image embedding is not ``ln_post(CLS) @ proj`` (attention or mean pooling, no projection)."""
+    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
+        raise UserError("this image tower pools with attention or a token mean, not the CLS token; "
+                        "per-frame embeddings (emb) need a CLIP ViT that pools its CLS token")
+    if getattr(visual, "proj", None) is None:
+        raise UserError("this image tower has no output projection, so it has no CLIP embedding space; use a CLIP checkpoint")
+
+
 def build_backbone(spec: BackboneSpec, blocks: list[int] | None = None, attention: str = "maps",
-                   device: torch.device | str = "cpu") -> FrozenCLIPBackbone:
+                   device: torch.device | str = "cpu", emb: bool = False) -> FrozenCLIPBackbone:
     """Build the frozen backbone wrapper from a spec (the library entry point used by extract and predict)."""
     visual, identity = build_visual_tower(spec, device)
-    return FrozenCLIPBackbone(visual, blocks=blocks, attention=attention, spec=spec, weights_id=identity)
+    return FrozenCLIPBackbone(visual, blocks=blocks, attention=attention, spec=spec, weights_id=identity, emb=emb)
 
 
 def default_device() -> torch.device:

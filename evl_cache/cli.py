@@ -59,7 +59,8 @@ def extract(
     quick_gelu: bool = typer.Option(None, "--quick-gelu/--no-quick-gelu", help="QuickGELU (OpenAI CLIP) or GELU."),
     precision: str = typer.Option(None, help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16."),
     trust_torchscript: bool = typer.Option(False, help="Load a TorchScript --weights file (it is code) that is not a known OpenAI CLIP release."),
-    blocks: str = typer.Option(None, help="Comma-separated block indices to cache (default: the last --decoder-layers)."),
+    blocks: str = typer.Option(None, help="Comma-separated block indices to cache (default: the last --decoder-layers); "
+                                          "'none' with --emb: an emb-only store."),
     decoder_layers: int = typer.Option(None, help="Cache the last K blocks (EVL: 4 for K400, all for SSv2)."),
     attention: str = typer.Option(None, help="maps (adjacent-frame attention maps), qk (raw q/k) or none."),
     sampling: str = typer.Option(None, help="dense (stride) or segment (TSN-style)."),
@@ -73,6 +74,8 @@ def extract(
     attn_topk: int = typer.Option(None, help="Keep only the K largest probabilities per attention-map row (0: all)."),
     layout: str = typer.Option(None, help="full (cache the decoder's inputs) or prefix (cache the stream entering the first "
                                           "decoder block; stage 2 recomputes the tail blocks, weights kept in the store)."),
+    emb: bool = typer.Option(None, "--emb/--no-emb", help="Also store per-frame CLIP image embeddings ln_post(CLS) @ proj "
+                                                            "(T x E float16; for `evl-cache zeroshot`)."),
     shard_size: int = typer.Option(None, help="Videos per shard file (default: chosen by --shard-mib)."),
     shard_mib: float = typer.Option(None, help="Target size of one shard file in MiB (default 1024)."),
     decode_timeout: float = typer.Option(None, help="Seconds before a hanging decode is recorded as failed (default 120)."),
@@ -94,7 +97,7 @@ def extract(
         "arch": arch, "weights": weights, "seed": seed, "quick_gelu": quick_gelu, "precision": precision,
         "blocks": blocks, "decoder_layers": decoder_layers, "attention": attention, "sampling": sampling,
         "frames": frames, "stride": stride, "views": views, "view_seed": view_seed, "dtype": dtype,
-        "attn_dtype": attn_dtype, "attn_topk": attn_topk, "layout": layout,
+        "attn_dtype": attn_dtype, "attn_topk": attn_topk, "layout": layout, "emb": emb,
         "shard_size": shard_size, "shard_mib": shard_mib, "decode_timeout": decode_timeout, "batch_size": batch_size, "min_frames": min_frames, "compressor": compressor,
         "ray_address": ray_address, "num_cpus": num_cpus, "retry_failed": retry_failed or None,
         "trust_torchscript": trust_torchscript or None,
@@ -311,10 +314,70 @@ def ensemble(
 
 
 @app.command()
+def zeroshot(
+    store: str = typer.Option(..., help="Cache store holding per-frame embeddings (extract --emb, or derive-emb)."),
+    classes: Path = typer.Option(..., help="Class names, one per line: the store's names (any order, extra names allowed) "
+                                           "or exactly the store's classes in label order, reworded."),
+    out: Path = typer.Option(..., help="Write metrics.json, predictions.csv, scores.npz and confusion_matrix.png here."),
+    templates: str = typer.Option("clip-kinetics700", help="Prompt templates: clip-kinetics700, clip-ucf101, actionclip, "
+                                                           "xclip, photo, or a file with one template per line."),
+    weights: str = typer.Option(None, help="The CLIP weights the store was extracted with, with its text tower "
+                                           "(default: the path the store recorded; its sha256 must match)."),
+    arch: str = typer.Option(None, help="open_clip model name or config JSON (default: the store's)."),
+    trust_torchscript: bool = typer.Option(False, help="Load a TorchScript --weights file (code) that is not a known OpenAI CLIP release."),
+    precision: str = typer.Option(None, help="Text tower precision: auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16."),
+    text_cache: Path = typer.Option(None, help="Folder of cached class text embeddings (default ~/.cache/evl-cache/text-emb)."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Score a store whose extraction has pending videos."),
+) -> None:
+    """CLIP zero-shot classification of a store's videos against any class list, with eval's metrics and outputs."""
+    from evl_cache.completeness import counts_text
+    from evl_cache.zeroshot import zeroshot_store
+
+    m = zeroshot_store(store, str(classes), templates, out, weights=weights, arch=arch, precision=precision,
+                       trust_torchscript=trust_torchscript, text_cache=text_cache, device=device, allow_partial=allow_partial)
+    z = m["zeroshot"]
+    counts = f"(store: {counts_text(m['store_videos'])}; {len(m['per_class'])} classes, {z['num_templates']} templates "
+    counts += f"'{z['templates']}', labels matched by {z['label_mapping']}, text embeddings {z['text_source']})"
+    typer.echo(f"{m['videos']} videos x {m['views']} views: top-1 {100 * m['top1']:.2f}%  top-{m['topk']} "
+               f"{100 * m['top5']:.2f}%  mean class {100 * m['mean_class_accuracy']:.2f}% {counts}" if m["top1"] is not None
+               else f"{m['videos']} labelled videos: no accuracy to report {counts}")
+    typer.echo(f"wrote {out}/metrics.json, predictions.csv, scores.npz, confusion_matrix.png")
+
+
+@app.command("derive-emb")
+def derive_emb(
+    store: str = typer.Argument(..., help="A cache store that holds the last block's features."),
+    weights: str = typer.Option(None, help="The CLIP weights the store was extracted with (default: the recorded path; sha256 must match)."),
+    arch: str = typer.Option(None, help="open_clip model name or config JSON (default: the store's)."),
+    trust_torchscript: bool = typer.Option(False, help="Load a TorchScript --weights file (code) that is not a known OpenAI CLIP release."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+) -> None:
+    """Add per-frame CLIP embeddings (emb = ln_post(CLS) @ proj) to a store from its cached last block."""
+    from evl_cache.derive import derive_emb as run_derive
+
+    for line in run_derive(store, weights=weights, arch=arch, trust_torchscript=trust_torchscript, device=device).lines():
+        typer.echo(line)
+
+
+@app.command()
 def predict(
-    checkpoint: Path = typer.Option(..., help="Checkpoint written by train."),
     video: Path = typer.Argument(..., help="A video file or a folder of videos."),
-    weights: str = typer.Option(None, help="CLIP weights file, overriding the path recorded in the checkpoint."),
+    checkpoint: Path = typer.Option(None, help="Checkpoint written by train (not with --zero-shot)."),
+    zero_shot: bool = typer.Option(False, "--zero-shot", help="CLIP zero-shot against --classes instead of a checkpoint; "
+                                                             "the backbone and views come from --arch/--weights/--frames/... as in extract."),
+    classes: Path = typer.Option(None, help="With --zero-shot: class names, one per line."),
+    templates: str = typer.Option(None, help="With --zero-shot: prompt templates, a built-in name or a file (default clip-kinetics700)."),
+    arch: str = typer.Option(None, help="With --zero-shot: open_clip model name or config JSON (default ViT-B-16)."),
+    seed: int = typer.Option(None, help="With --zero-shot and --weights random: the seed."),
+    quick_gelu: bool = typer.Option(None, "--quick-gelu/--no-quick-gelu", help="With --zero-shot: QuickGELU or GELU."),
+    sampling: str = typer.Option(None, help="With --zero-shot: dense or segment (default dense)."),
+    frames: int = typer.Option(None, help="With --zero-shot: frames per clip (default 8)."),
+    stride: int = typer.Option(None, help="With --zero-shot: frame stride for dense sampling (default 16)."),
+    views: str = typer.Option(None, help="With --zero-shot: eval (the recipe grid) or eval:TxS."),
+    text_cache: Path = typer.Option(None, help="With --zero-shot: folder of cached class text embeddings."),
+    weights: str = typer.Option(None, help="CLIP weights file, overriding the path recorded in the checkpoint "
+                                           "(with --zero-shot: the CLIP weights, text tower included)."),
     force: bool = typer.Option(False, help="Use --weights even if its sha256 differs from the recorded one."),
     trust_torchscript: bool = typer.Option(False, help="Load TorchScript backbone weights (code) that are not a known OpenAI CLIP release."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
@@ -326,8 +389,32 @@ def predict(
     from evl_cache.predict import predict as run_predict
     from evl_cache.predict import render
 
-    preds = run_predict(checkpoint, video, weights_override=weights, device=device, topk=topk, force=force,
-                        precision=precision, trust_torchscript=trust_torchscript)
+    zs_only = {"--classes": classes, "--templates": templates, "--arch": arch, "--seed": seed, "--quick-gelu": quick_gelu,
+               "--sampling": sampling, "--frames": frames, "--stride": stride, "--views": views, "--text-cache": text_cache}
+    if zero_shot:
+        if checkpoint is not None:
+            raise UserError("--zero-shot classifies with CLIP's text tower, not a checkpoint; drop --checkpoint or --zero-shot")
+        if classes is None:
+            raise UserError("--zero-shot needs --classes FILE (class names, one per line)")
+        if weights is None:
+            raise UserError("--zero-shot needs --weights: a CLIP checkpoint with its text tower, or 'random' on purpose")
+        from evl_cache.backbone import BackboneSpec
+        from evl_cache.predict import predict_zero_shot
+        from evl_cache.video import Sampling, ViewSet
+
+        clip = Sampling(sampling or "dense", int(frames or 8), int(stride or 16))
+        spec = BackboneSpec(arch=arch or "ViT-B-16", weights=weights, seed=int(seed or 0), quick_gelu=quick_gelu,
+                            precision=precision or "auto", trust_torchscript=trust_torchscript)
+        preds = predict_zero_shot(video, str(classes), spec, clip, ViewSet.parse(views or "eval", clip), templates,
+                                  device=device, topk=topk, text_cache=text_cache)
+    else:
+        given = [flag for flag, value in zs_only.items() if value is not None]
+        if given:
+            raise UserError(f"{given[0]} applies to --zero-shot only; add --zero-shot or drop it")
+        if checkpoint is None:
+            raise UserError("predict needs --checkpoint (a model written by train), or --zero-shot --classes FILE")
+        preds = run_predict(checkpoint, video, weights_override=weights, device=device, topk=topk, force=force,
+                            precision=precision, trust_torchscript=trust_torchscript)
     render(preds)
     failed = [p for p in preds if p.error]
     if failed:

@@ -205,7 +205,7 @@ def write_outputs(out: Path, metrics: dict[str, Any], scores: np.ndarray, videos
 SCORES_FILE = "scores.npz"
 SCORES_FORMAT = 1
 # keys of metrics.json copied into the scores file, so it says which model and store it came from
-_SOURCE_KEYS = ("checkpoint", "store", "views", "ensemble")
+_SOURCE_KEYS = ("checkpoint", "store", "views", "ensemble", "zeroshot")
 
 
 def write_scores(path: Path, metrics: dict[str, Any], scores: np.ndarray, videos: np.ndarray, labels: np.ndarray,

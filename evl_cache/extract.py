@@ -45,7 +45,7 @@ from evl_cache.video import PackedViews, Sampling, VideoError, ViewSet, decode_v
 
 # Attributes that must match for a rerun to resume into an existing store.
 RESUME_KEYS = ("backbone", "blocks", "frames", "sampling", "views", "num_views", "attention", "dtype", "attn_format", "layout",
-               "class_names", "manifest_sha256", "min_frames", "compressor")
+               "class_names", "manifest_sha256", "min_frames", "compressor", "emb")
 FLUSH_SECONDS = 5.0  # the driver writes its marks at most this often (and at the end)
 
 
@@ -62,6 +62,7 @@ class ExtractConfig:
     attn_dtype: str = "float16"
     attn_topk: int = 0
     layout: str = "full"
+    emb: bool = False  # also store per-frame CLIP embeddings ln_post(CLS) @ proj (`emb`, (T, E) float16)
     shard_size: int | None = None
     shard_mib: float = DEFAULT_SHARD_MIB
     batch_size: int = 8
@@ -91,6 +92,7 @@ class ExtractConfig:
             blocks=parse_blocks(g.get("blocks"), g.get("decoder_layers")),
             attention=g.get("attention", "maps"), dtype=g.get("dtype", "float16"),
             attn_dtype=g.get("attn_dtype", "float16"), attn_topk=int(g.get("attn_topk", 0)), layout=g.get("layout", "full"),
+            emb=bool(g.get("emb", False)),
             shard_size=int(g["shard_size"]) if g.get("shard_size") else None,
             shard_mib=float(g.get("shard_mib", DEFAULT_SHARD_MIB)), batch_size=int(g.get("batch_size", 8)),
             min_frames=g.get("min_frames"), compressor=g.get("compressor"), ray_address=g.get("ray_address"),
@@ -100,8 +102,10 @@ class ExtractConfig:
 
 
 def parse_blocks(blocks: str | list[int] | None, decoder_layers: int | None) -> list[int] | None:
-    """Block indices to cache: explicit (list or "8,9,10,11"), else the last ``decoder_layers``, else
-    None (the backbone's default, the last 4)."""
+    """Block indices to cache: explicit (list or "8,9,10,11"; "none" = [], for an emb-only store), else
+    the last ``decoder_layers``, else None (the backbone's default, the last 4)."""
+    if isinstance(blocks, str) and blocks.strip().lower() == "none":
+        return []
     if isinstance(blocks, str) and blocks.strip():
         try:
             return [int(b) for b in blocks.split(",") if b.strip()]
@@ -191,20 +195,21 @@ class BackboneRunner:
 
     def __init__(self, spec: dict[str, Any], blocks: list[int] | None, attention: str, dtype: str,
                  threads: int | None = None, device: str | None = None, attn_format: str = "float16",
-                 layout: str = "full") -> None:
+                 layout: str = "full", emb: bool = False) -> None:
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         self.backbone = build_backbone(BackboneSpec.from_dict(spec), blocks=blocks, attention=attention,
-                                       device=device or default_device())
+                                       device=device or default_device(), emb=emb)
         self.attention, self.dtype, self.attn_format, self.layout = attention, dtype, attn_format, layout
 
     def formats(self, frames: int) -> StoreFormats:
         desc = self.backbone.describe()
         return StoreFormats({"frames": frames, "tokens": 1 + desc["grid"][0] * desc["grid"][1], "width": desc["width"],
                              "heads": desc["heads"], "blocks": self.backbone.blocks, "attention": self.attention,
-                             "dtype": self.dtype, "attn_format": self.attn_format, "layout": self.layout})
+                             "dtype": self.dtype, "attn_format": self.attn_format, "layout": self.layout,
+                             "emb": self.backbone.emb, "embed_dim": self.backbone.embed_dim})
 
     def compute(self, batch_size: int, *decoded: tuple[PackedViews | None, dict[str, Any]]
                 ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
@@ -226,7 +231,7 @@ class BackboneRunner:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             frames = torch.stack([views[ok[j]][v] for j, v in chunk])
-            result = {"prefix": self.backbone.prefix(frames)} if self.layout == "prefix" else self.backbone(frames)
+            result = self.backbone.prefix_outputs(frames) if self.layout == "prefix" else self.backbone(frames)
             result = {k: t.float().cpu() for k, t in result.items()}
             for name, values in formats.encode(result).items():
                 if name not in out:
@@ -277,6 +282,8 @@ def store_attributes(backbone_desc: dict[str, Any], blocks: list[int], cfg: Extr
         "dtype": feature_format(cfg.dtype),
         "attn_format": map_format(cfg.attn_dtype, cfg.attn_topk),
         "layout": cfg.layout,
+        "emb": bool(cfg.emb),
+        **({"embed_dim": _embed_dim(cfg.backbone.arch)} if cfg.emb else {}),
         "min_frames": cfg.min_frames or cfg.sampling.frames,
         "compressor": cfg.compressor,
         "class_names": list(class_names),
@@ -285,12 +292,25 @@ def store_attributes(backbone_desc: dict[str, Any], blocks: list[int], cfg: Extr
     }
 
 
+def _embed_dim(arch: str) -> int:
+    """E of the per-frame embeddings: the model config's ``embed_dim`` (the image projection's width)."""
+    from evl_cache.backbone import load_model_config
+
+    return int(load_model_config(arch)["embed_dim"])
+
+
 def prepare_store(store_path: str, attrs: dict[str, Any], paths: list[str], labels: list[int], cfg: ExtractConfig) -> CacheStore:
     """Create the store, or reopen it for resuming if it was created by the same configuration."""
     if os.path.exists(store_path):
         store = open_store(store_path, mode="r+")
         for key in RESUME_KEYS:
             if comparable_attr(key, store.attrs.get(key)) != comparable_attr(key, attrs.get(key)):
+                if key == "emb":
+                    raise UserError(
+                        f"store {store_path} was created {'with' if store.attrs.get(key) else 'without'} per-frame "
+                        f"embeddings (emb) but this run asks {'for' if attrs.get(key) else 'not to store'} them; "
+                        + ("add them with `evl-cache derive-emb` (from the last block) or pass a new --store path"
+                           if attrs.get(key) else "pass --emb to resume it"))
                 raise UserError(
                     f"store {store_path} exists but was created with a different {key} "
                     f"({store.attrs.get(key)!r} vs {attrs.get(key)!r}); pass a new --store path or delete the old store"
@@ -349,8 +369,14 @@ def extract(manifest: Any, store_path: str, cfg: ExtractConfig) -> ExtractSummar
         raise UserError(f"--decode-timeout must be positive seconds (got {cfg.decode_timeout})")
     if cfg.layout not in ("full", "prefix"):
         raise UserError(f"unknown --layout '{cfg.layout}'; use full or prefix")
+    if cfg.blocks == [] and not cfg.emb:
+        raise UserError("--blocks none caches no block; add --emb for an emb-only store, or name the blocks to cache")
+    if cfg.blocks == [] and cfg.layout == "prefix":
+        raise UserError("--layout prefix needs cached blocks; drop --blocks none or use --layout full")
+    if cfg.blocks == []:  # an emb-only store has no block whose attention could be kept
+        cfg = dataclasses.replace(cfg, attention="none")
     cfg = dataclasses.replace(cfg, backbone=resolve_precision(cfg))
-    probe = build_backbone(cfg.backbone, blocks=cfg.blocks, attention=cfg.attention, device="cpu")
+    probe = build_backbone(cfg.backbone, blocks=cfg.blocks, attention=cfg.attention, device="cpu", emb=cfg.emb)
     desc, blocks = probe.describe(), probe.blocks
     manifest_meta = {"name": getattr(manifest, "name", ""), "root": getattr(manifest, "root", "")}
     attrs = store_attributes(desc, blocks, cfg, manifest.class_names, manifest.sha256(), manifest_meta)
@@ -365,7 +391,7 @@ def extract(manifest: Any, store_path: str, cfg: ExtractConfig) -> ExtractSummar
     if cfg.layout == "prefix" and (fresh or "sha256" not in store.attrs.get("tail", {})):
         if cfg.backbone.precision != "fp32":  # the tail is kept in float32; each device casts it as it runs
             probe = build_backbone(dataclasses.replace(cfg.backbone, precision="fp32"), blocks=cfg.blocks,
-                                   attention=cfg.attention, device="cpu")
+                                   attention=cfg.attention, device="cpu", emb=cfg.emb)
         store = write_tail(store, probe)
     del probe
     status = store.status()
@@ -424,13 +450,14 @@ class ShardRun:
         if gpus:
             actor = ray.remote(num_gpus=1, num_cpus=0, max_restarts=2, max_task_retries=2)(BackboneRunner)
             self.runners = [actor.remote(spec, self.blocks, cfg.attention, self.attrs["dtype"], 4, None,
-                                         self.attrs["attn_format"], self.attrs["layout"]) for _ in range(gpus)]
+                                         self.attrs["attn_format"], self.attrs["layout"], bool(self.attrs.get("emb")))
+                            for _ in range(gpus)]
         else:
             # One CPU actor whose threads may use every core: decode tasks time-share with it, which is
             # what gets a 2-core machine close to the serial bound 1/(1/decode + 1/backbone).
             actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)(BackboneRunner)
             self.runners = [actor.remote(spec, self.blocks, cfg.attention, self.attrs["dtype"], max(1, int(cpus)), "cpu",
-                                         self.attrs["attn_format"], self.attrs["layout"])]
+                                         self.attrs["attn_format"], self.attrs["layout"], bool(self.attrs.get("emb")))]
 
     def submit(self, shard: int, videos: list[int]) -> tuple[Any, list[Any], list[Any]]:
         """Queue one shard: decode tasks, backbone batches (round-robin over actors), the writer."""

@@ -59,6 +59,9 @@ class StoreFormats:
         self.maps_shape = (self.k, 2, max(t - 1, 0), self.p, self.p)
         self.qk_shape = (self.k, 2, t, length, self.heads, c // self.heads)
         self.attention = attrs["attention"]
+        # optional per-frame CLIP embeddings ln_post(CLS) @ proj, (T, E) float16, beside any layout
+        self.emb = bool(attrs.get("emb"))
+        self.emb_shape = (t, int(attrs["embed_dim"])) if self.emb else None
         # float32 stores keep float32 maps (float16 is the maps' default only beside float16 features)
         self.maps_dtype = np.dtype(np.float32 if self.features.dtype == "float32" and self.maps.name == "float16"
                                    else np.float16)
@@ -83,10 +86,11 @@ class StoreFormats:
             return [(name, ArraySpec(shape, code, _fill(code)))] + [
                 (f"{name}_scale_{k}", ArraySpec(v, half, float("nan"))) for k, v in scales.items()]
 
+        emb = {"emb": [("emb", ArraySpec(self.emb_shape, np.dtype(np.float16), float("nan")))]} if self.emb else {}
         if self.layout == "prefix":  # the residual stream entering the first captured block
-            return {"prefix": features("prefix", self.feats_shape[1:])}
-        out = {"feats": features("feats", self.feats_shape)}
-        if self.attention == "maps":
+            return {"prefix": features("prefix", self.feats_shape[1:]), **emb}
+        out = {"feats": features("feats", self.feats_shape)} if self.k else {}  # k = 0: an emb-only store
+        if self.k and self.attention == "maps":
             kept = self.maps.kept(self.p)
             values = self.maps_dtype if self.maps.values == "float16" else np.dtype(np.uint8)
             attn = [("attn", ArraySpec((*self.maps_shape[:-1], kept), values, _fill(values)))]
@@ -95,10 +99,10 @@ class StoreFormats:
             if self.maps.values == "uint8" and self.maps.scaling != "fixed":
                 attn.append(("attn_scale_row", ArraySpec(self.maps_shape[:-1], half, float("nan"))))
             out["attn"] = attn
-        elif self.attention == "qk":
+        elif self.k and self.attention == "qk":
             qk = np.dtype(np.float32 if self.features.dtype == "float32" else np.float16)
             out["qk"] = [("qk", ArraySpec(self.qk_shape, qk, float("nan")))]
-        return out
+        return {**out, **emb}
 
     def arrays(self) -> dict[str, ArraySpec]:
         """The stored arrays' chunk specs: a single part as itself; several parts packed as uint8
@@ -157,10 +161,14 @@ class StoreFormats:
         """The backbone's outputs for n clip-views (``feats`` (n, K, T, L, C), ``attn`` (n, K, 2, T-1, P, P)
         or ``q``/``k``) -> stored arrays, each (n, *chunk shape)."""
         out: dict[str, np.ndarray] = {}
+        if self.emb:
+            out["emb"] = outputs["emb"].to(torch.float16).cpu().numpy()
         if self.layout == "prefix":
             qp = encode_features(outputs["prefix"], self.features)
             out["prefix"] = qp.codes.cpu().numpy()
             out.update({f"prefix_scale_{k}": v.cpu().numpy() for k, v in qp.scales.items()})
+            return out
+        if not self.k:
             return out
         qf = encode_features(outputs["feats"], self.features)
         out["feats"] = qf.codes.cpu().numpy()
@@ -193,9 +201,10 @@ class StoreFormats:
             return self._decode_prefix(batch, device, quant_dtype)
         scales = {k.removeprefix("feats_scale_"): v for k, v in batch.items() if k.startswith("feats_scale_")}
         out: dict[str, torch.Tensor] = {}
-        feats = decode_features(batch["feats"], scales, self.features, quant_dtype, device) if self.features.quantized \
-            else batch["feats"].to(device, non_blocking=True)
-        out["feats"] = feats if out_dtype is None else feats.to(out_dtype)
+        if "feats" in batch:
+            feats = decode_features(batch["feats"], scales, self.features, quant_dtype, device) if self.features.quantized \
+                else batch["feats"].to(device, non_blocking=True)
+            out["feats"] = feats if out_dtype is None else feats.to(out_dtype)
         if "attn" in batch:
             if self.maps.values == "float16" and not self.maps.topk:
                 attn = batch["attn"].to(device, non_blocking=True)
@@ -209,7 +218,7 @@ class StoreFormats:
             if out_dtype is not None:
                 qk = qk.to(out_dtype)
             out["q"], out["k"] = qk.select(-5, 0), qk.select(-5, 1)
-        stored = {part for layout in self.parts().values() for part, _ in layout}
+        stored = {part for layout in self.parts().values() for part, _ in layout} - {"emb"}  # emb passes through
         for key, value in batch.items():
             if key not in stored:
                 out[key] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
@@ -229,7 +238,7 @@ class StoreFormats:
         scales = {k.removeprefix("prefix_scale_"): v for k, v in batch.items() if k.startswith("prefix_scale_")}
         stream = decode_features(batch["prefix"], scales, self.features, tail.dtype, device)
         out = {k: v.to(out_dtype) for k, v in tail.forward_from(stream).items()}
-        stored = {part for layout in self.parts().values() for part, _ in layout}
+        stored = {part for layout in self.parts().values() for part, _ in layout} - {"emb"}  # emb passes through
         for key, value in batch.items():
             if key not in stored:
                 out[key] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value

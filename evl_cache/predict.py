@@ -111,6 +111,61 @@ class Predictor:
         return Prediction(path=path, top=[(self.class_names[c], float(probs[c])) for c in order], probs=probs, logits=logits)
 
 
+class ZeroShotPredictor:
+    """CLIP zero-shot on video files, no checkpoint and no cache: the same eval views, backbone
+    wrapper (run to the last block for ``emb``) and scores as `evl-cache zeroshot` on a store
+    extracted with the same settings (docs/zero-shot.md)."""
+
+    def __init__(self, classes_file: str, spec: Any, sampling: Any, views: Any, templates: str | None = None,
+                 device: str | None = None, text_cache: str | os.PathLike | None = None, batch_size: int = 8,
+                 min_frames: int | None = None) -> None:
+        from evl_cache.backbone import build_backbone, resolve_device
+        from evl_cache.templates import read_class_names, resolve_templates
+        from evl_cache.text import class_text_embeddings
+        from evl_cache.zeroshot import DEFAULT_TEMPLATES, default_text_cache, with_flag
+
+        self.class_names = with_flag("--classes", read_class_names, classes_file)
+        self.templates, template_list = with_flag("--templates", resolve_templates, templates or DEFAULT_TEMPLATES)
+        if views.kind != "eval":
+            raise UserError(f"--views {views.kind}: zero-shot prediction scores the evaluation views; use eval or eval:TxS")
+        self.device = resolve_device(device)
+        self.backbone = with_flag("--weights", build_backbone, spec, blocks=[], attention="none", device=self.device, emb=True)
+        cache = Path(text_cache) if text_cache is not None else default_text_cache()
+        self.text = with_flag("--weights", class_text_embeddings, spec, self.class_names, template_list,
+                              cache_dir=cache, device=self.device)
+        self.sampling, self.views, self.batch_size = sampling, views, batch_size
+        self.size = self.backbone.image_size
+        self.min_frames = int(min_frames or sampling.frames)
+
+    @torch.no_grad()
+    def embeddings(self, views: torch.Tensor) -> torch.Tensor:
+        """(V, T, 3, S, S) normalised views -> (V, T, E) per-frame embeddings, float32."""
+        return torch.cat([self.backbone(views[i:i + self.batch_size])["emb"].float()
+                          for i in range(0, views.shape[0], self.batch_size)])
+
+    def __call__(self, path: str, topk: int = 5) -> Prediction:
+        from evl_cache.video import VideoError, build_views
+        from evl_cache.zeroshot import zero_shot_scores
+
+        try:
+            views, _ = build_views(path, self.sampling, self.views, self.size, min_frames=self.min_frames)
+        except VideoError as err:
+            return Prediction(path=path, error=str(err))
+        emb = self.embeddings(views)
+        probs = zero_shot_scores(emb[None], self.text.emb.to(emb.device), self.text.logit_scale)[0].cpu().numpy()
+        order = np.argsort(-probs, kind="stable")[:min(topk, len(probs))]
+        return Prediction(path=path, top=[(self.class_names[c], float(probs[c])) for c in order], probs=probs)
+
+
+def predict_zero_shot(video_path_or_folder: str | os.PathLike, classes_file: str, spec: Any, sampling: Any, views: Any,
+                      templates: str | None = None, device: str | None = None, topk: int = 5,
+                      text_cache: str | os.PathLike | None = None, batch_size: int = 8) -> list[Prediction]:
+    """Zero-shot top-k classes for a video or every video in a folder (undecodable ones get ``error``)."""
+    videos = list_videos(video_path_or_folder)
+    predictor = ZeroShotPredictor(classes_file, spec, sampling, views, templates, device, text_cache, batch_size)
+    return [predictor(v, topk) for v in videos]
+
+
 def backbone_precision(backbone: dict[str, Any], override: str | None) -> str:
     """The user's choice, else the precision the training store's features were computed in (the
     decoder saw those numerics), else ``auto`` for checkpoints that predate recording it."""

@@ -10,7 +10,8 @@ sha256, shard size); arrays sit flat under the root, so a store has no nested di
 - tensors, one array per kind with every cached block inside one chunk: ``feats`` (N, V, K, T, L, C)
   block outputs (CLS included), and ``attn`` (N, V, K, 2, T-1, P, P) adjacent-frame maps (attention
   ``maps``) or ``qk`` (N, V, K, 2, T, L, H, D) raw q and k (attention ``qk``); compact formats pack
-  their codes, scales and top-k indices into the same array's chunks (`evl_cache.formats.StoreFormats`).
+  their codes, scales and top-k indices into the same array's chunks (`evl_cache.formats.StoreFormats`);
+  optionally ``emb`` (N, V, T, E) float16, the per-frame CLIP image embeddings (attribute ``emb``).
 
 Chunk = one (video, view); shard = S consecutive videos, one file per tensor array, written by
 exactly one task, so writers never share a file. Chunk keys use ``.`` separators (``c.7.0.0...``),
@@ -434,6 +435,8 @@ def comparable_attr(key: str, value: Any) -> Any:
     between machines."""
     if key == "backbone" and isinstance(value, dict):
         return {k: v for k, v in value.items() if k != "weights"}
+    if key == "emb":  # optional since per-frame embeddings were added: a store without the key has none
+        return bool(value)
     return value
 
 
@@ -466,7 +469,6 @@ def create_store(path: str, attrs: dict[str, Any], paths: list[str], labels: lis
     `choose_shard_size` (about 1 GiB per shard file).
     """
     import zarr
-    from zarr.codecs import Crc32cCodec
 
     attrs = dict(attrs)
     n, v = len(paths), int(attrs["num_views"])
@@ -485,18 +487,28 @@ def create_store(path: str, attrs: dict[str, Any], paths: list[str], labels: lis
     column("errors", shape=(n,), dtype=str, fill_value="")
     column("decode_meta", shape=(n, 2), dtype=np.float32, fill_value=0.0, chunks=(chunk[0], 2))
     for name, spec in StoreFormats(attrs).arrays().items():
-        group.create_array(
-            name,
-            shape=(n, v, *spec.shape),
-            dtype=spec.dtype,
-            chunks=(1, 1, *spec.shape),
-            shards=(shard_size, v, *spec.shape),
-            compressors=[*_compressors(compressor, spec.dtype.itemsize), Crc32cCodec()],
-            chunk_key_encoding=flat,
-            fill_value=spec.fill,  # NaN (floats): never a real chunk, so rows at the fill are not stored
-        )
+        create_tensor_array(group, name, spec, n, v, shard_size, compressor)
     group.attrs["evl_cache"] = attrs
     return CacheStore(path, group)
+
+
+def create_tensor_array(group: Any, name: str, spec: Any, n: int, v: int, shard_size: int, compressor: str | None,
+                        overwrite: bool = False) -> Any:
+    """One tensor array: chunk = one (video, view), shard = ``shard_size`` videos, crc32c per chunk.
+    Used by `create_store` and to add a kind to an existing store (`evl_cache.derive`)."""
+    from zarr.codecs import Crc32cCodec
+
+    return group.create_array(
+        name,
+        shape=(n, v, *spec.shape),
+        dtype=spec.dtype,
+        chunks=(1, 1, *spec.shape),
+        shards=(shard_size, v, *spec.shape),
+        compressors=[*_compressors(compressor, spec.dtype.itemsize), Crc32cCodec()],
+        chunk_key_encoding={"name": "default", "separator": "."},
+        fill_value=spec.fill,  # NaN (floats): never a real chunk, so rows at the fill are not stored
+        overwrite=overwrite,
+    )
 
 
 def _compressors(name: str | None, typesize: int = 2) -> list[Any]:
