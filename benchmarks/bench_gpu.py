@@ -82,8 +82,8 @@ def main() -> int:
         arch, frames, layers = "ViT-B-16", 8, 4
         train = ["--arch", arch, "--frames", "8", "--layers", "4", "--videos", "32", "--batch", "32", "--steps", "6",
                  "--online-steps", "4", "--workers", "4", "--threads", "0"]
-        extract = ["--arch", arch, "--videos", "64", "--views", "train:1", "--batch-size", "32",
-                   "--height", "256", "--width", "340", "--video-frames", "160", "--stride", "16"]
+        extract = ["--arch", arch, "--videos", "32", "--views", "train:1", "--batch-size", "32",
+                   "--height", "256", "--width", "340", "--video-frames", "120", "--stride", "16"]
     code = run([sys.executable, "benchmarks/bench_train.py", "--device", args.device, "--formats", "all",
                 "--json", str(out / "train.json"), *train])
     result["bench_train_exit"] = code
@@ -94,7 +94,8 @@ def main() -> int:
     result["train"], result["extract"] = tr, ex
 
     kind = gpu_kind() if args.device.startswith("cuda") else "cpu"
-    pred = predict(kind, arch, tr["batch"], frames, layers, os.cpu_count() or 1) if tr and kind else {}
+    plan_arch = str(ROOT / arch) if arch.endswith(".json") else arch
+    pred = predict(kind, plan_arch, tr["batch"], frames, layers, os.cpu_count() or 1) if tr and kind else {}
     lines = [f"## bench-gpu: {result.get('gpu', args.device)}{' (toy sizes)' if args.toy else ', ViT-B/16 8 frames, random init'}",
              "", f"CUDA-only tests: {result.get('cuda_tests', 'skipped')}", ""]
     if tr:

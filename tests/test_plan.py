@@ -54,7 +54,10 @@ def test_step_times_by_hand_and_the_bound_named():
     assert fast.row("online").step.bound == "GPU" and fast.row("fp16").step.bound == "GPU"
     assert fast.row("fp16").step.seconds == pytest.approx(train, rel=1e-3)
     assert fast.row("prefix fp16").step.seconds == pytest.approx(train + 256 * 2 * 46.53e9 / (h100 * 0.45), rel=1e-3)
-    assert fast.recommendation.startswith("int8 + top16 uint8 maps") or "x faster than online" in fast.recommendation
+    # equal times (GPU-bound): the fewest bytes wins; a slow disk: the smallest cache; one step: no cache pays off
+    assert fast.recommendation.startswith("int8 + top16 uint8 maps: ") and "bound by GPU" in fast.recommendation
+    assert plan.recommendation.startswith("prefix fp8: ") and "bound by disk" in plan.recommendation
+    assert make_plan(PlanInputs(**{**B16, "steps": 1})).recommendation.startswith("online: ")
     # two GPUs halve the GPU part; A100 is 312 TFLOPS
     assert make_plan(PlanInputs(**B16, gpu="h100", gpus=2, disk_gbps=100.0, cpu_cores=512)).row("online").step.seconds \
         == pytest.approx(fast.row("online").step.seconds / 2)
