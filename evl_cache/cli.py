@@ -333,7 +333,7 @@ def predict(
     if failed:
         typer.secho(f"{len(failed)} of {len(preds)} videos could not be read", fg=typer.colors.YELLOW, err=True)
 
-# --- tools: synth / flops / plan ---------------------------------------------------------------------
+# --- tools: synth / flops ---------------------------------------------------------------------
 
 
 @app.command()
