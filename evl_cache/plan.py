@@ -292,6 +292,8 @@ def make_plan(inp: PlanInputs) -> Plan:
         "extraction": f"{inp.videos} videos x {inp.views} cached views; GPU runs the backbone (prefix: up to "
                       "the first read block), CPU decodes, the disk takes the writes",
         "runs": f"{inp.runs} training run(s) share one extraction",
+        "not modelled": "fixed per-step overhead (Python, kernel launches, optimizer bookkeeping): tiny models or "
+                        "small batches run slower than predicted; reading and dequantising compact formats on the device",
         "accuracy": "not modelled: per-format accuracy is measured by `make formats-table`; a cache fixes "
                     f"{inp.views} augmented view(s) per video, the online path draws fresh ones every epoch",
     }
