@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install test test-slow demo bench reproduce-table1 ablation-table8 formats-table pretrain-tiny clean
+.PHONY: install test test-slow demo bench bench-gpu reproduce-table1 ablation-table8 formats-table pretrain-tiny clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_extract.py --json results/bench/extract.json
 	$(PY) benchmarks/bench_tca.py
 	$(PY) benchmarks/bench_train.py
+
+# On a CUDA machine: the CUDA-only tests, then training and extraction at ViT-B/16 8 frames for every
+# storage format and the online path, one table of ratios (results/bench/gpu.json). Without CUDA it
+# says so and exits 0; BENCH_GPU_ARGS="--device cpu --toy" runs the same logic on the CPU at toy sizes.
+bench-gpu: $(STAMP)
+	mkdir -p results/bench
+	$(PY) benchmarks/bench_gpu.py $(BENCH_GPU_ARGS)
 
 # --- recipes (pipelines/): each writes a markdown report with PNG plots; reruns skip finished stages.
 K400_VARS = K400_ROOT="$(K400_ROOT)" K400_ANN="$(K400_ANN)" CLIP_B16="$(CLIP_B16)" CLIP_L14="$(CLIP_L14)" CLIP_L14_336="$(CLIP_L14_336)"

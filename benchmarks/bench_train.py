@@ -8,9 +8,11 @@ Also the DataLoader alone (clip-views/s, MB/s) against plain reads of the store'
 
 Targets (issue 3): (a) <= 1.1 x (b); report (c)/(a) and the bound from the measured parts,
 (decode + backbone + decoder step) / decoder step.
+(d) with --formats: the same step fed from a store of each other storage format (evl_cache.plan's
+names), e.g. "prefix fp16": read + decode + the tail blocks' forward on the device, then the step.
 
     .venv/bin/python benchmarks/bench_train.py                     # width-192 ViT, CPU, ~2-3 min
-    .venv/bin/python benchmarks/bench_train.py --arch ViT-B-16 --device cuda --batch 32
+    .venv/bin/python benchmarks/bench_train.py --arch ViT-B-16 --device cuda --batch 32 --formats all
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from evl_cache.backbone import BackboneSpec, build_backbone  # noqa: E402
 from evl_cache.config import decoder_config_for_store, load_config  # noqa: E402
 from evl_cache.data import make_loader, measure_loader, measure_raw, to_device  # noqa: E402
 from evl_cache.decoder import EVLDecoder, count_parameters  # noqa: E402
-from evl_cache.extract import BackboneRunner, ExtractConfig, extract_serially, store_attributes  # noqa: E402
+from evl_cache.extract import BackboneRunner, ExtractConfig, extract_serially, store_attributes, write_tail  # noqa: E402
+from evl_cache.formats import feature_format, map_format  # noqa: E402
+from evl_cache.plan import FORMATS  # noqa: E402
 from evl_cache.store import create_store, open_store  # noqa: E402
 from evl_cache.video import Sampling, ViewSet, build_views  # noqa: E402
 
@@ -64,13 +68,24 @@ def write_videos(folder: Path, n: int, frames: int, h: int, w: int) -> list[str]
 
 
 def build_store(path: Path, paths: list[str], spec: BackboneSpec, sampling: Sampling, views: ViewSet,
-                blocks: list[int], device: str) -> str:
-    """Extract with extract.py's own work units, serially (Ray start-up is not what is measured here)."""
+                blocks: list[int], device: str, dtype: str = "float16", attn: str = "float16", layout: str = "full") -> str:
+    """Extract with extract.py's own work units, serially (Ray start-up is not what is measured here),
+    in one storage format (a prefix-layout store also gets its tail weights, as `extract` writes them)."""
+    from evl_cache.backbone import load_model_config
+    from evl_cache.prefix import tail_blocks
+
+    values, topk = attn.split(":")[-1], int(attn[3:].split(":")[0]) if attn.startswith("top") else 0
     cfg = ExtractConfig(backbone=spec, sampling=sampling, views=views, blocks=blocks, attention="maps",
-                        dtype="float16", shard_size=8)
-    runner = BackboneRunner(spec.to_dict(), blocks, "maps", "float16", device=device)
+                        dtype=dtype, attn_dtype=values, attn_topk=topk, layout=layout, shard_size=8)
+    runner = BackboneRunner(spec.to_dict(), blocks, "maps", feature_format(dtype), device=device,
+                            attn_format=map_format(values, topk), layout=layout)
     attrs = store_attributes(runner.backbone.describe(), runner.backbone.blocks, cfg, ["a", "b"], "bench", {})
+    if layout == "prefix":
+        attrs["model_config"] = {k: v for k, v in load_model_config(spec.arch).items() if k in ("embed_dim", "vision_cfg")}
+        attrs["tail"] = {"file": "tail_weights.safetensors", "blocks": tail_blocks(blocks)}
     store = create_store(str(path), attrs, paths, [i % 2 for i in range(len(paths))], shard_size=8)
+    if layout == "prefix":
+        store = write_tail(store, runner.backbone)
     extract_serially(store, runner, paths, [Path(p).name for p in paths])
     return str(path)
 
@@ -108,8 +123,16 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="decoder layers K (last K blocks)")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--formats", nargs="*", default=["prefix fp16"],
+                    help="other storage formats to train from, as named by evl_cache.plan.FORMATS, or 'all' "
+                         "(default: the prefix layout in fp16)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
+    known = {name: (d, a, lay) for name, d, a, lay in FORMATS}
+    formats = [n for n in known if n != "fp16"] if args.formats == ["all"] else [f for f in args.formats if f != "fp16"]
+    for f in formats:
+        if f not in known:
+            ap.error(f"unknown format {f!r}; use one of {', '.join(known)} or all")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -130,8 +153,16 @@ def main() -> None:
     probe = build_backbone(spec, attention="maps", device="cpu")
     blocks = list(range(probe.num_layers - args.layers, probe.num_layers))
     del probe
+    t1 = time.perf_counter()
     store_path = build_store(work / "train.zarr", paths, spec, sampling, views, blocks, str(device))
+    extract_s = {"fp16": time.perf_counter() - t1}
     store = open_store(store_path)
+    fmt_paths = {}
+    for f in formats:
+        t1 = time.perf_counter()
+        fmt_paths[f] = build_store(work / f"{f.replace(' ', '_')}.zarr", paths, spec, sampling, views, blocks,
+                                   str(device), *known[f])
+        extract_s[f] = time.perf_counter() - t1
     print(f"setup: {args.videos} videos ({span} frames 320x240), store {store.raw_bytes_per_view() / 1e6:.2f} MB "
           f"per clip-view, built in {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -154,6 +185,10 @@ def main() -> None:
         iters[nw] = iter(make_loader(store_path, args.batch, train=True, seed=0, num_workers=nw, prefetch_factor=2,
                                      pin_memory=device.type == "cuda"))
         steppers[nw] = fresh_stepper()
+    for f in formats:
+        iters[f] = iter(make_loader(fmt_paths[f], args.batch, train=True, seed=0, num_workers=args.workers[0],
+                                    prefetch_factor=2, pin_memory=device.type == "cuda"))
+        steppers[f] = fresh_stepper()
     steppers["mem"] = fresh_stepper()
     steppers["online"] = fresh_stepper()
     backbone = build_backbone(spec, blocks=blocks, attention="maps", device=device)
@@ -163,6 +198,7 @@ def main() -> None:
         return {k: v for k, v in b.items() if k not in ("label", "video")}, b["label"].long()
 
     keys = [f"w{nw}" for nw in args.workers] + ["mem", "online", "decode", "backbone", "decoder_step"]
+    keys += [f"fmt:{f}" for f in formats] + [f"load:{f}" for f in formats]
     wall: dict[str, list[float]] = {k: [] for k in keys}
     cpu: dict[str, list[float]] = {k: [] for k in keys}
 
@@ -183,6 +219,12 @@ def main() -> None:
             t = clock()
             steppers[nw](*split(to_device(next(iters[nw]), device)))
             record(f"w{nw}", t, r)
+        for f in formats:  # (d): read + decode (+ the tail's forward for a prefix store) on the device, then the step
+            t0 = t = clock()
+            batch = to_device(next(iters[f]), device)
+            t = record(f"load:{f}", t, r)
+            steppers[f](*split(batch))
+            record(f"fmt:{f}", t0, r)
         t = clock()
         steppers["mem"](*split(mem[r]))
         record("mem", t, r)
@@ -217,9 +259,12 @@ def main() -> None:
              "decoder_step": "  part: decoder forward + backward + AdamW"}
     for nw in args.workers:
         names[f"w{nw}"] = f"(a) cached, DataLoader, {nw} worker(s)"
-    for k in a_keys + ["mem", "online", "decode", "backbone", "decoder_step"]:
+    for f in formats:
+        names[f"fmt:{f}"] = f"(d) cached, {f} store, {args.workers[0]} worker(s)"
+        names[f"load:{f}"] = f"  part: read + decode{' + tail blocks forward' if known[f][2] == 'prefix' else ''}"
+    for k in a_keys + ["mem", "online", "decode", "backbone", "decoder_step"] + [x for f in formats for x in (f"fmt:{f}", f"load:{f}")]:
         w, c = med[k]
-        rate = f"{args.batch / w:.2f}" if k in a_keys + ["mem", "online"] else ""
+        rate = f"{args.batch / w:.2f}" if k in a_keys + ["mem", "online"] or k.startswith("fmt:") else ""
         lines.append(f"| {names[k]} | {w:.3f} | {c:.3f} | {rate} |")
     ratios = []
     for label, i in (("wall", 0), ("CPU", 1)):
@@ -235,6 +280,15 @@ def main() -> None:
     lines.append(f"| bound (decode + backbone + decoder step) / decoder step | {ratios[0][3]:.2f}x | {ratios[1][3]:.2f}x | |")
     lines.append(f"| share of the bound reached | {100 * ratios[0][2] / ratios[0][3]:.0f}% | "
                  f"{100 * ratios[1][2] / ratios[1][3]:.0f}% | >= 90% |")
+    a0 = "w0" if "w0" in med else a_best
+    for f in formats:
+        lines.append(f"| (d) {f} / (a) fp16 | {med[f'fmt:{f}'][0] / med[a_best][0]:.3f} | "
+                     f"{med[f'fmt:{f}'][1] / med[a0][1]:.3f} | |")
+        lines.append(f"| online (c) / (d) {f} | {med['online'][0] / med[f'fmt:{f}'][0]:.2f}x | "
+                     f"{med['online'][1] / med[f'fmt:{f}'][1]:.2f}x | |")
+    res["formats"] = {f: {"bytes_per_clip_view": open_store(p).raw_bytes_per_view(), "extract_s": extract_s[f],
+                          "clip_views": args.videos * views.num_views}
+                      for f, p in {"fp16": store_path, **fmt_paths}.items()}
     lines += ["", f"(a) in the wall column is the best worker count ({names[a_best].split(', ')[-1]}); "
               "in the CPU column, 0 workers, so that reading is inside the measured CPU time.", "",
               "| reader | clip-views/s | MB/s |", "|---|---|---|"]

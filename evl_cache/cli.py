@@ -486,6 +486,36 @@ def flops(
     console.print(t)
 
 
+@app.command()
+def plan(
+    arch: str = typer.Option("B/16", help="B/16, L/14, L/14@336, an open_clip ViT name or a model-config JSON."),
+    frames: int = typer.Option(8, help="Frames per clip T."),
+    views: int = typer.Option(1, help="Augmented views cached per video (train:V)."),
+    videos: int = typer.Option(240_436, help="Videos in the training set (default: Kinetics-400 train)."),
+    gpu: str = typer.Option("h100", help="Device kind: h100, h200, a100, v100 or cpu."),
+    gpus: int = typer.Option(1, help="Devices training and extracting together."),
+    disk_gbps: float = typer.Option(2.0, help="Disk or network read/write bandwidth, GB/s."),
+    cpu_cores: int = typer.Option(32, help="CPU cores for decoding and reading."),
+    batch: int = typer.Option(256, help="Clip-views per optimizer step."),
+    steps: int = typer.Option(50_000, help="Optimizer steps of the recipe."),
+    epochs: float = typer.Option(None, help="Recipe length in epochs instead of --steps (one view per video each)."),
+    decoder_layers: int = typer.Option(4, help="Decoder layers K (reads the last K blocks)."),
+    classes: int = typer.Option(400, help="Classes of the head."),
+    runs: int = typer.Option(1, help="Training runs that share one cache (extraction is paid once)."),
+    decode_rate: float = typer.Option(None, help="Measured decode rate, clip-views/s per core (default: calibrated)."),
+    json_: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Predict cache bytes, extraction and training time of every storage format and the online path."""
+    import json
+
+    from evl_cache.plan import PlanInputs, lines, make_plan
+
+    result = make_plan(PlanInputs(arch=arch, frames=frames, views=views, videos=videos, gpu=gpu.lower(), gpus=gpus,
+                                  disk_gbps=disk_gbps, cpu_cores=cpu_cores, batch=batch, steps=steps, epochs=epochs,
+                                  decoder_layers=decoder_layers, classes=classes, runs=runs, decode_rate=decode_rate))
+    typer.echo(json.dumps(result.to_dict(), indent=2) if json_ else "\n".join(lines(result)))
+
+
 def main() -> None:
     """Entry point: run the app, turning `UserError` into one clear line and a non-zero exit."""
     try:
