@@ -392,7 +392,8 @@ def read_batches(targets: list[tuple[ChunkReader, np.ndarray]], pairs: list[tupl
         shape = (len(pairs), *reader.chunk_shape[2:])
         if out.shape != shape or out.dtype != reader.dtype or not out.flags.c_contiguous:
             raise ValueError(f"out must be a C-contiguous {reader.dtype} array of shape {shape}")
-    locks = [reader._lock for reader, _ in targets]
+    locks = sorted({id(reader): reader._lock for reader, _ in targets}.items())  # one order: no deadlock
+    locks = [lock for _, lock in locks]
     for lock in locks:
         lock.acquire()
     try:
