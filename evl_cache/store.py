@@ -30,7 +30,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -98,8 +98,9 @@ class StoreInfo:
 ABSENT = 2**64 - 1
 READ_THREADS = int(os.environ.get("EVL_CACHE_READ_THREADS", "8"))  # default pool size of a batch read
 MAX_OPEN_FILES = 256  # shard files a reader keeps open (least recently used closed first)
-COALESCE_BYTES = 64 << 20  # file-adjacent chunks of one batch read with one preadv, up to this many bytes
+COALESCE_BYTES = 64 << 20  # file-adjacent chunks of one batch form one read job, up to this many bytes
 _IOV_MAX = 1024  # preadv's buffer limit (Linux): 2 buffers (payload, crc) per chunk
+READ_PIECE = 1 << 20  # bytes per preadv: each piece is checksummed right after its read, while still in cache
 
 _pools: dict[int, tuple[int, ThreadPoolExecutor]] = {}
 
@@ -146,7 +147,7 @@ class ChunkReader:
     Every shard index it has read is kept, with the shard file's descriptor open, until the file
     changes (another inode, mtime or size: a rewrite renames a new file into place), so each index is
     read once per process. `read_batch` reads a whole batch with a thread pool straight into the
-    caller's batch array, one ``preadv`` per run of file-adjacent chunks. Descriptors and the pool
+    caller's batch array, file-adjacent chunks as one run (`read_batches`). Descriptors and the pool
     are per process: a pickled or forked reader reopens its files.
     """
 
@@ -347,20 +348,49 @@ class ChunkReader:
                 np.copyto(out[b], data.reshape(out[b].shape))
                 return None
             crcs = np.empty((len(job.items), 4), dtype=np.uint8)
-            buffers: list[Any] = []
-            for k, (b, _, _, _) in enumerate(job.items):
-                buffers += [out[b].reshape(-1).view(np.uint8), crcs[k]]
-            got = os.preadv(fd, buffers, job.offset)
-            for k, (b, video, view, nbytes) in enumerate(job.items):
-                at, got = b, got - nbytes
-                if got < 0:
-                    raise StoreDataError(f"video {video} view {view}: short read of '{self.name}' in {path} (truncated shard file)")
-                self._check(buffers[2 * k], crcs[k].tobytes(), video, view, path)
+            sums = [0] * len(job.items)
+            for piece in self._pieces(job, out, crcs):  # one preadv per piece, checksummed while in cache
+                want = sum(len(p[0]) for p in piece)
+                got = os.preadv(fd, [p[0] for p in piece], piece[0][2])
+                if got != want:
+                    for buf, k, _, _ in piece:
+                        got -= len(buf)
+                        if got < 0:
+                            at, (_, video, view_, _) = job.items[k][0], job.items[k]
+                            raise StoreDataError(f"video {video} view {view_}: short read of '{self.name}' in {path} "
+                                                 "(truncated shard file)")
+                if self.verify_checksums:
+                    for buf, k, _, payload in piece:
+                        if payload:
+                            sums[k] = _extend_crc32c(sums[k], buf)
+            for k, (b, video, view, _) in enumerate(job.items):
+                at = b
+                if self.verify_checksums and np.uint32(sums[k]).tobytes() != crcs[k].tobytes():
+                    raise StoreDataError(f"video {video} view {view}: '{self.name}' chunk in {path} fails its crc32c")
             return None
         except StoreDataError as err:
             return at, err
         except OSError as err:
             return at, StoreDataError(f"reading '{self.name}' from {path} failed: {err}")
+
+    def _pieces(self, job: _Job, out: np.ndarray, crcs: np.ndarray) -> Iterator[list[tuple[np.ndarray, int, int, bool]]]:
+        """The job's bytes (each chunk's payload slot, then its 4 crc bytes) cut into consecutive
+        pieces of at most `READ_PIECE` bytes: lists of (buffer, chunk number, file offset, is payload)."""
+        piece: list[tuple[np.ndarray, int, int, bool]] = []
+        size, pos = 0, job.offset
+        for k, (b, _, _, _) in enumerate(job.items):
+            body = out[b].reshape(-1).view(np.uint8)
+            for buf, payload in ((body, True), (crcs[k], False)):
+                lo = 0
+                while lo < len(buf):
+                    take = min(len(buf) - lo, READ_PIECE - size)
+                    piece.append((buf[lo:lo + take], k, pos, payload))
+                    size, pos, lo = size + take, pos + take, lo + take
+                    if size == READ_PIECE:
+                        yield piece
+                        piece, size = [], 0
+        if piece:
+            yield piece
 
     def _check(self, body: Any, crc: bytes, video: int, view: int, path: str) -> None:
         if self.verify_checksums and _crc32c(body) != bytes(crc):
@@ -381,9 +411,10 @@ def read_batches(targets: list[tuple[ChunkReader, np.ndarray]], pairs: list[tupl
     """Read the chunks (video, view) of ``pairs`` of every (reader, out) into ``out[b]``, all arrays'
     reads in one pool of ``threads`` (1: in this thread).
 
-    Each shard's index comes from the reader's kept ones (one stat per shard per batch). Runs of
-    chunks that lie back to back in one shard file are read by one ``preadv`` straight into their
-    slots, the rest one read each. Every chunk is checked as `ChunkReader.read` checks it; an absent
+    Each shard's index comes from the reader's kept ones (one stat per shard per batch). A run of
+    chunks that lie back to back in one shard file is one job: its bytes go straight into their slots
+    (and 4 crc bytes per chunk) by ``preadv`` calls of `READ_PIECE` bytes that cross chunk boundaries,
+    each piece checksummed right after its read, while it is still in the CPU cache. Every chunk is checked as `ChunkReader.read` checks it; an absent
     or wrong-sized chunk raises before any read, a short or damaged one (the first in batch order)
     after all reads have finished, so no thread still writes into an ``out``.
     """
@@ -410,6 +441,12 @@ def read_batches(targets: list[tuple[ChunkReader, np.ndarray]], pairs: list[tupl
     bad = [e for e in errors if e is not None]
     if bad:
         raise min(bad, key=lambda e: e[0])[1]
+
+
+def _extend_crc32c(crc: int, data: Any) -> int:
+    import google_crc32c
+
+    return google_crc32c.extend(crc, data)
 
 
 def _crc32c(data: Any) -> bytes:
