@@ -23,6 +23,13 @@ each library is asked to read a chunk with one flipped payload byte (does it che
     .venv/bin/python benchmarks/bench_reader.py                   # ~3.6 GB fp16 + ~1.8 GB int8, ~10 min
     .venv/bin/python benchmarks/bench_reader.py --videos 8 --repeats 1 --formats fp16   # smoke run
 
+    .venv/bin/python benchmarks/bench_reader.py --suite batch --store DIR --keep --videos 384 --views 1 --formats fp16
+
+``--suite batch`` (issue 9's target) times the batch reader (`evl_cache.store.read_batches`, pool
+sizes 1, 4, 8, 16) and the training DataLoader in training order against a plain sequential read of
+the same files, cold and warm, plus tensorstore with an index cache; it writes
+results/bench/reader_batch.{json,md,png} (the PNG: GB/s against the pool size).
+
 Prints markdown; writes results/bench/reader.json and results/bench/reader.png. The stores are
 deleted at the end unless --keep (--store DIR reuses DIR/fp16.zarr, DIR/int8.zarr when present).
 Needs `pip install -e .[bench]` (tensorstore, zarrs); a missing library is reported, not fatal.
