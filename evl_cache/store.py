@@ -239,6 +239,11 @@ class ChunkReader:
             entry.fd = -1
             del self._open[shard]
 
+    def forget(self, shard: int) -> None:
+        """Drop the shard's kept index and close its file (a writer replaced it)."""
+        with self._lock:
+            self._forget(shard)
+
     def _forget(self, shard: int) -> None:
         entry = self._shards.pop(shard, None)
         if entry is not None and entry.fd >= 0:
@@ -619,6 +624,7 @@ class CacheStore:
                 full[np.asarray(videos) - lo] = data
                 arr[lo:hi] = full
             files.append(self.reader(name).shard_file(shard))
+            self.reader(name).forget(shard)  # drop the replaced file's descriptor: it would pin its disk space
         sync_files(f for f in files if os.path.exists(f))
         return files
 

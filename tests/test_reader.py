@@ -219,3 +219,26 @@ def test_read_batches_checks_its_output_buffer(stores):
     reader = ChunkReader.open(stores["plain"], "feats")
     with pytest.raises(ValueError, match="C-contiguous"):
         read_batches([(reader, np.empty((2, *reader.chunk_shape[2:]), dtype=np.float32))], [(0, 0), (1, 0)])
+
+
+def test_a_shard_rewrite_closes_the_replaced_file(stores):
+    """The writer's rename leaves the old inode alive while a descriptor holds it: it must be dropped."""
+    path = copy_of(stores, "writer.zarr")
+    store = open_store(path, mode="r+")
+    reader = store.reader("feats")
+    reader.read_batch([(5, 0)])
+    old_inode = os.stat(reader.shard_file(1)).st_ino
+    data = {n: np.asarray(zarr.open_array(os.path.join(path, n), mode="r")[4:8]) for n in store.tensor_names()}
+    store.write_videos(1, [4, 5, 6, 7], [4, 5, 6, 7], data)
+    assert os.stat(reader.shard_file(1)).st_ino != old_inode
+    held = [os.fstat(int(fd)).st_ino for fd in os.listdir("/proc/self/fd") if _is_file(int(fd))]
+    assert old_inode not in held
+    assert reader.read(5, 0).tobytes() == data["feats"][1, 0].tobytes()
+
+
+def _is_file(fd: int) -> bool:
+    try:
+        return os.path.isfile(os.readlink(f"/proc/self/fd/{fd}").removesuffix(" (deleted)")) or \
+            os.readlink(f"/proc/self/fd/{fd}").endswith(" (deleted)")
+    except OSError:
+        return False
