@@ -23,6 +23,13 @@ each library is asked to read a chunk with one flipped payload byte (does it che
     .venv/bin/python benchmarks/bench_reader.py                   # ~3.6 GB fp16 + ~1.8 GB int8, ~10 min
     .venv/bin/python benchmarks/bench_reader.py --videos 8 --repeats 1 --formats fp16   # smoke run
 
+    .venv/bin/python benchmarks/bench_reader.py --suite batch --store DIR --keep --videos 384 --views 1 --formats fp16
+
+``--suite batch`` (issue 9's target) times the batch reader (`evl_cache.store.read_batches`, pool
+sizes 1, 4, 8, 16) and the training DataLoader in training order against a plain sequential read of
+the same files, cold and warm, plus tensorstore with an index cache; it writes
+results/bench/reader_batch.{json,md,png} (the PNG: GB/s against the pool size).
+
 Prints markdown; writes results/bench/reader.json and results/bench/reader.png. The stores are
 deleted at the end unless --keep (--store DIR reuses DIR/fp16.zarr, DIR/int8.zarr when present).
 Needs `pip install -e .[bench]` (tensorstore, zarrs); a missing library is reported, not fatal.
@@ -52,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from evl_cache.data import EpochSampler, make_loader  # noqa: E402
 from evl_cache.formats import StoreFormats  # noqa: E402
-from evl_cache.store import DONE, ChunkReader, create_store, open_store  # noqa: E402
+from evl_cache.store import DONE, ChunkReader, create_store, open_store, read_batches  # noqa: E402
 
 FORMATS = {"fp16": {"dtype": "float16", "attn_format": "float16"},
            "int8": {"dtype": "int8:channel_token", "attn_format": "uint8"}}
@@ -651,7 +658,15 @@ def main() -> None:
     ap.add_argument("--probe-only", action="store_true",
                     help="only the DataLoader huge-page probe (writes reader_thp.json)")
     ap.add_argument("--loader-child", help=argparse.SUPPRESS)
+    ap.add_argument("--suite", choices=["libraries", "batch"], default="libraries",
+                    help="libraries: the comparison above; batch: the batch reader and DataLoader against a "
+                         "sequential read, thread-pool sizes (writes reader_batch.{json,md,png})")
+    ap.add_argument("--thread-sizes", type=int, nargs="+", default=list(THREAD_SIZES), help="batch suite: pool sizes")
+    ap.add_argument("--batch", type=int, default=BATCH, help="batch suite: clip-views per batch")
     args = ap.parse_args()
+    if args.suite == "batch":
+        batch_suite(args)
+        return
     if args.loader_child:
         loader_child(args.loader_child, args.repeats)
         return
@@ -733,6 +748,255 @@ def probe_only(args: argparse.Namespace) -> None:
             f"{k}: {v['gb_per_s']:.3f} GB/s, {v['cpu_s_per_gb']:.2f} CPU s/GB (load {v['load1']:.1f})" for k, v in probe.items()))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "reader_thp.json").write_text(json.dumps(out, indent=1))
+
+
+# ------------------------------------------------------------------------------------ the batch-reader suite
+
+
+THREAD_SIZES = (1, 4, 8, 16)
+
+
+def store_files(path: str) -> list[str]:
+    """Every file of the store (shard files, zarr.json, the table's chunks): what a cold pass drops."""
+    return sorted(os.path.join(root, f) for root, _, files in os.walk(path) for f in files)
+
+
+class BatchBench:
+    """The batch reader (`evl_cache.store.read_batches`) and the training DataLoader in training order
+    (`EpochSampler` epoch 0, batches of ``batch``) against a plain sequential read of the same files."""
+
+    def __init__(self, path: str, batch: int) -> None:
+        self.path = path
+        store = open_store(path)
+        self.names = store.tensor_names()
+        self.specs = store.formats.arrays()
+        self.views = store.num_views
+        self.per_view = store.raw_bytes_per_view()
+        self.files = shard_files(path, self.names)
+        self.all_files = store_files(path)
+        self.batch = batch
+        items = EpochSampler(store.done_indices(), self.views, seed=0).epoch_items(0)
+        pairs = [divmod(int(i), self.views) for i in items]
+        self.batches = [pairs[lo:lo + batch] for lo in range(0, len(pairs) - batch + 1, batch)]
+        self.read_bytes = len(self.batches) * batch * self.per_view
+
+    def sequential(self, into_batch: bool = False) -> Pass:
+        """Every tensor shard file front to back with one reused 8 MiB buffer (or, ``into_batch``,
+        into consecutive slices of a batch-sized buffer)."""
+        dest = memoryview(bytearray(self.batch * self.per_view if into_batch else RAW_BUFFER))
+
+        def run() -> tuple[int, int]:
+            total, pos = 0, 0
+            for f in self.files:
+                with open(f, "rb", buffering=0) as fh:
+                    while True:
+                        if pos + RAW_BUFFER > len(dest):
+                            pos = 0
+                        n = fh.readinto(dest[pos:pos + RAW_BUFFER])
+                        if not n:
+                            break
+                        total += n
+                        pos = pos + n if into_batch else 0
+            return total // self.per_view, total
+        return run
+
+    def batch_reader(self, threads: int) -> Pass:
+        """`read_batches` of every array into one reused batch buffer per array (fresh readers: the
+        shard indexes are read during the pass, as a new worker would)."""
+        buffers = {n: np.empty((self.batch, *s.shape), dtype=s.dtype) for n, s in self.specs.items()}
+
+        def run() -> tuple[int, int]:
+            readers = {n: ChunkReader.open(self.path, n, threads=threads) for n in self.names}
+            targets = [(readers[n], buffers[n]) for n in self.names]
+            for pairs in self.batches:
+                read_batches(targets, pairs, threads)
+            for r in readers.values():
+                r.close()
+            return len(self.batches) * self.batch, self.read_bytes
+        return run
+
+    def loader(self, threads: int, workers: int) -> Pass:
+        """`make_loader(train=True)`: the training path, batch tensors allocated per batch."""
+        def run() -> tuple[int, int]:
+            loader = make_loader(self.path, self.batch, train=True, num_workers=workers, read_threads=threads)
+            it = iter(loader)
+            for _ in range(len(self.batches)):
+                next(it)
+            del it
+            return len(self.batches) * self.batch, self.read_bytes
+        return run
+
+    def tensorstore(self) -> Pass:
+        """tensorstore (zarr3 driver), a batch's chunks x arrays as futures in flight, with a 64 MiB cache
+        pool so shard indexes stay cached (its docs: without one every read re-reads the index)."""
+        import tensorstore as ts
+
+        ctx = ts.Context({"cache_pool": {"total_bytes_limit": 64 << 20}})
+        arrays = [ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(self.path, n)}},
+                          read=True, context=ctx).result() for n in self.names]
+
+        def run() -> tuple[int, int]:
+            for pairs in self.batches:
+                futures = [a[v, w].read() for a in arrays for v, w in pairs]
+                for f in futures:
+                    f.result()
+            return len(self.batches) * self.batch, self.read_bytes
+        return run
+
+
+def check_batch_reader(bench: BatchBench) -> str:
+    """Before timing: the first batch through read_batches, the DataLoader and (if present) tensorstore
+    equals zarr-python's reads, byte for byte."""
+    import zarr
+
+    pairs = bench.batches[0]
+    want = {n: np.stack([np.asarray(zarr.open_array(os.path.join(bench.path, n), mode="r")[v, w]) for v, w in pairs])
+            for n in bench.names}
+    readers = [(ChunkReader.open(bench.path, n), np.empty_like(want[n])) for n in bench.names]
+    read_batches(readers, pairs, 8)
+    got = next(iter(make_loader(bench.path, bench.batch, train=True)))
+    for (_, out), n in zip(readers, bench.names):
+        if out.tobytes() != want[n].tobytes() or got[n].numpy().tobytes() != want[n].tobytes():
+            raise AssertionError(f"batch reader differs from zarr on {n}")
+    try:
+        import tensorstore  # noqa: F401
+    except ImportError:
+        return "tensorstore not installed"
+    import tensorstore as ts
+
+    for n in bench.names:
+        a = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(bench.path, n)}}, read=True).result()
+        if np.stack([a[v, w].read().result() for v, w in pairs]).tobytes() != want[n].tobytes():
+            raise AssertionError(f"tensorstore differs from zarr on {n}")
+    return "ok"
+
+
+def batch_suite(args: argparse.Namespace) -> None:
+    """Issue 9's reader target: the batch reader and the DataLoader, cold and warm, against a plain
+    sequential read of the same files; thread-pool sizes 1, 4, 8, 16."""
+    workdir = args.store or tempfile.mkdtemp(prefix="bench_reader_", dir=os.environ.get("BENCH_DIR"))
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, f"batch_{args.formats[0]}_v{args.views}.zarr")
+    report: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_start": list(os.getloadavg())},
+        "libraries": library_versions(), "rows": [],
+    }
+    try:
+        if not os.path.exists(path):
+            started = time.perf_counter()
+            build_store(path, args.formats[0], args.videos, args.views, args.shard_size, seed=0)
+            report["build_s"] = time.perf_counter() - started
+        bench = BatchBench(path, args.batch)
+        size = sum(os.path.getsize(f) for f in bench.files)
+        report["store"] = {"path": path, "format": args.formats[0], "videos": open_store(path).num_videos, "views": bench.views,
+                           "shard_files": len(bench.files), "shard_bytes": size, "bytes_per_clip_view": bench.per_view,
+                           "epoch_clip_views": len(bench.batches) * bench.batch, "epoch_bytes": bench.read_bytes,
+                           "batch": bench.batch}
+        print(f"# Batch reader\n\n`{report['command']}`; load average {os.getloadavg()}\n")
+        print(f"store: {len(bench.files)} shard files, {size / 1e9:.2f} GB, {bench.per_view:,} B per clip-view; "
+              f"epoch: {len(bench.batches)} batches of {bench.batch}, {bench.read_bytes / 1e9:.2f} GB")
+        report["check"] = check_batch_reader(bench)
+        print(f"check against zarr-python (batch reader, DataLoader, tensorstore): {report['check']}")
+        todo: list[tuple[str, str, int | None, Callable[[], Pass]]] = [
+            ("sequential", "plain sequential read (8 MiB buffer)", None, lambda: bench.sequential()),
+            ("sequential_batch", f"plain sequential read into a {bench.batch}-clip-view buffer", None,
+             lambda: bench.sequential(True)),
+        ]
+        for t in args.thread_sizes:
+            todo.append(("batch_reader", f"batch reader, {t} threads", t, lambda t=t: bench.batch_reader(t)))
+        for t in args.thread_sizes:
+            todo.append(("loader0", f"DataLoader, 0 workers, {t} threads", t, lambda t=t: bench.loader(t, 0)))
+        for w in args.workers:
+            if w > 0:
+                todo.append((f"loader{w}", f"DataLoader, {w} workers, {args.threads} threads each", args.threads,
+                             lambda w=w: bench.loader(args.threads, w)))
+        if report["check"] == "ok":
+            todo.append(("tensorstore", "tensorstore, futures per batch, index cache", None, bench.tensorstore))
+        for _ in range(args.repeats):
+            for kind, label, threads, setup in todo:
+                run = setup()
+                drop_pages(bench.all_files)
+                resident = resident_bytes(bench.all_files)
+                cold = timed(bench, run)  # type: ignore[arg-type]
+                hot = timed(bench, run)  # type: ignore[arg-type]
+                cold["resident_before"] = resident
+                report["rows"].append({"kind": kind, "method": label, "threads": threads, "cold": cold, "warm": hot})
+                print(f"  {label}: cold {cold['gb_per_s']:.3f} GB/s, warm {hot['gb_per_s']:.3f} GB/s "
+                      f"(load {cold['load1']:.1f}, {hot['load1']:.1f}; resident before cold: {resident})", flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(path, ignore_errors=True)
+            if args.store is None:
+                shutil.rmtree(workdir, ignore_errors=True)
+    report["machine"]["loadavg_end"] = list(os.getloadavg())
+    best = summarize(report)
+    md = batch_table(report, best)
+    print("\n" + md)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reader_batch.json").write_text(json.dumps(report, indent=1))
+    (out / "reader_batch.md").write_text(md + "\n")
+    plot_threads(report, best, out / "reader_batch.png")
+    print(f"\nwrote {out / 'reader_batch.json'}, reader_batch.md, reader_batch.png")
+
+
+def summarize(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The fastest cold and fastest warm pass of each method (over the repeats)."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in report["rows"]:
+        b = best.setdefault(row["method"], {"kind": row["kind"], "threads": row["threads"], "cold": row["cold"], "warm": row["warm"]})
+        for k in ("cold", "warm"):
+            if row[k]["gb_per_s"] > b[k]["gb_per_s"]:
+                b[k] = row[k]
+    report["best"] = best
+    return best
+
+
+def batch_table(report: dict[str, Any], best: dict[str, dict[str, Any]]) -> str:
+    seq = next(b for b in best.values() if b["kind"] == "sequential")
+    lines = ["| method | cold GB/s | cold / sequential | warm GB/s | warm / sequential | CPU s per GB (cold, warm) | load (cold, warm) |",
+             "|---|---|---|---|---|---|---|"]
+    for label, b in best.items():
+        c, w = b["cold"], b["warm"]
+        lines.append(f"| {label} | {c['gb_per_s']:.3f} | {c['gb_per_s'] / seq['cold']['gb_per_s']:.2f} | {w['gb_per_s']:.3f} | "
+                     f"{w['gb_per_s'] / seq['warm']['gb_per_s']:.2f} | {c['cpu_s_per_gb']:.2f}, {w['cpu_s_per_gb']:.2f} | "
+                     f"{c['load1']:.1f}, {w['load1']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_threads(report: dict[str, Any], best: dict[str, dict[str, Any]], path: Path) -> None:
+    """GB/s against the thread-pool size, cold and warm, with the sequential read as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    seq = next(b for b in best.values() if b["kind"] == "sequential")
+    for kind, name, marker in (("batch_reader", "batch reader", "o"), ("loader0", "DataLoader, 0 workers", "s")):
+        rows = sorted((b for b in best.values() if b["kind"] == kind), key=lambda b: b["threads"])
+        if not rows:
+            continue
+        xs = [b["threads"] for b in rows]
+        ax.plot(xs, [b["cold"]["gb_per_s"] for b in rows], marker=marker, color="C0", label=f"{name}, cold")
+        ax.plot(xs, [b["warm"]["gb_per_s"] for b in rows], marker=marker, color="C1", label=f"{name}, warm",
+                ls="-" if kind == "batch_reader" else "--")
+    for state, color in (("cold", "C0"), ("warm", "C1")):
+        ax.axhline(seq[state]["gb_per_s"], color=color, ls=":", lw=1.5, label=f"sequential read, {state}")
+        ax.axhline(0.8 * seq[state]["gb_per_s"], color=color, ls=":", lw=0.7, alpha=0.6)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(THREAD_SIZES), [str(t) for t in THREAD_SIZES])
+    ax.set_xlabel("reader threads per process")
+    ax.set_ylabel("payload GB/s (training order)")
+    st = report["store"]
+    load = report["machine"]["loadavg_start"][0]
+    ax.set_title(f"B/16 8f {st['format']} store, {st['shard_bytes'] / 1e9:.1f} GB, batch {st['batch']} "
+                 f"({report['machine']['cpus']} CPUs, load {load:.1f}); faint: 0.8 x sequential", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

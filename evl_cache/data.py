@@ -19,20 +19,30 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from evl_cache.formats import StoreFormats, torch_dtype
-from evl_cache.store import CacheStore, StoreDataError, data_error_hint, open_store, tensor_shapes
+from evl_cache.store import (
+    READ_THREADS,
+    CacheStore,
+    StoreDataError,
+    data_error_hint,
+    open_store,
+    read_batches,
+    tensor_shapes,
+)
 
 
 class StoreDataset(Dataset):
     """Map-style dataset over a store: item ``video * V + view`` -> the decoder's input dict.
 
-    Reads go through the store's `ChunkReader` (one positioned read per chunk, checked): a done
+    Reads go through the store's `ChunkReader`s (a batch at a time, by a pool of ``threads``, checked): a done
     video whose chunk is absent, short or damaged raises `StoreDataError` naming the shard file and
     `evl-cache verify`; it never yields zeros. Each process (main or DataLoader worker) opens the
     store itself on first use: Zarr objects and open files are not shared across fork.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, threads: int = READ_THREADS, pin_memory: bool = False) -> None:
         self.path = path
+        self.threads = int(threads)  # reader threads per process (main or worker)
+        self.pin_memory = bool(pin_memory) and torch.cuda.is_available()  # main-process batches land pinned
         store = open_store(path)
         self.num_views = store.num_views
         self.num_videos = store.num_videos
@@ -63,27 +73,32 @@ class StoreDataset(Dataset):
         return out
 
     def __getitems__(self, items: list[int]) -> dict[str, torch.Tensor]:
-        """A whole batch, each chunk read straight into its slot of the batch tensor (no stacking copy;
-        in a DataLoader worker the batch is allocated in shared memory, as torch's collate does)."""
+        """A whole batch, every array's chunks read by one thread pool straight into their slots of
+        the batch tensors (`evl_cache.store.read_batches`: no stacking copy, file-adjacent chunks
+        coalesced). In a DataLoader worker the batch is allocated in shared memory, as torch's collate
+        does; in the main process, in pinned memory when the loader pins on CUDA, else from numpy
+        (whose large buffers get transparent huge pages: torch's CPU allocator pays one page fault
+        per 4 KiB of a fresh batch)."""
         store = self.store
         pairs = [divmod(int(i), self.num_views) for i in items]
         in_worker = torch.utils.data.get_worker_info() is not None
         out: dict[str, Any] = {}
+        targets = []
         for name, spec in self.specs.items():
-            reader = store.reader(name)
             shape = (len(pairs), *spec.shape)
             if in_worker:  # allocate in shared memory up front: handing the batch over costs no copy
                 storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * spec.dtype.itemsize)
                 tensor = torch.empty(0, dtype=torch_dtype(spec.dtype)).set_(storage, 0, shape)
+            elif self.pin_memory:
+                tensor = torch.empty(shape, dtype=torch_dtype(spec.dtype), pin_memory=True)
             else:
-                tensor = torch.empty(shape, dtype=torch_dtype(spec.dtype))
-            arr = tensor.numpy()
-            for b, (video, view) in enumerate(pairs):
-                try:
-                    reader.read(video, view, out=arr[b])
-                except StoreDataError as err:
-                    raise StoreDataError(data_error_hint(self.path, str(err))) from None
+                tensor = torch.from_numpy(np.empty(shape, dtype=spec.dtype))
             out[name] = tensor
+            targets.append((store.reader(name), tensor.numpy()))
+        try:
+            read_batches(targets, pairs, self.threads)
+        except StoreDataError as err:
+            raise StoreDataError(data_error_hint(self.path, str(err))) from None
         videos = torch.tensor([v for v, _ in pairs], dtype=torch.int64)
         out["label"] = self.labels[videos]
         out["video"] = videos
@@ -164,16 +179,18 @@ def eval_items(store: CacheStore) -> list[int]:
 def make_loader(path: str, batch_size: int, *, train: bool, seed: int = 0, start: int = 0,
                 num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False,
                 items: list[int] | None = None, rank: int = 0, world_size: int = 1,
-                block: int | None = None, views: int = 0) -> DataLoader:
+                block: int | None = None, views: int = 0, read_threads: int = READ_THREADS) -> DataLoader:
     """A DataLoader yielding batched decoder dicts (``feats``, ``attn`` | ``q``/``k``, ``label``, ``video``).
 
     ``train``: endless `EpochSampler` stream from global position ``start`` in full batches (in a
     data-parallel run, this rank's blocks of ``block`` items, default ``batch_size``); otherwise the
     given ``items`` (default: `eval_items`) once, last batch partial. ``views`` > 0 trains on the
-    first ``views`` cached views of every video only (with all of them, the same stream). The loader gets its own
-    generator so creating it never draws from the global torch RNG (exact resume).
+    first ``views`` cached views of every video only (with all of them, the same stream). The loader
+    gets its own generator so creating it never draws from the global torch RNG (exact resume). Each
+    process that reads (the main one, or each worker) reads a batch with a pool of ``read_threads``
+    threads; with ``pin_memory`` on CUDA and no workers, batches are read straight into pinned memory.
     """
-    dataset = StoreDataset(path)
+    dataset = StoreDataset(path, threads=read_threads, pin_memory=pin_memory and num_workers == 0)
     store = dataset.store
     if train:
         sampler: Any = EpochSampler(store.done_indices(), store.num_views, seed, start, rank=rank,

@@ -26,9 +26,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -93,6 +96,45 @@ class StoreInfo:
 # ------------------------------------------------------------------------------------ chunk reads
 
 
+ABSENT = 2**64 - 1
+READ_THREADS = int(os.environ.get("EVL_CACHE_READ_THREADS", "8"))  # default pool size of a batch read
+MAX_OPEN_FILES = 256  # shard files a reader keeps open (least recently used closed first)
+COALESCE_BYTES = 64 << 20  # file-adjacent chunks of one batch form one read job, up to this many bytes
+_IOV_MAX = 1024  # preadv's buffer limit (Linux): 2 buffers (payload, crc) per chunk
+READ_PIECE = 1 << 20  # bytes per preadv: each piece is checksummed right after its read, while still in cache
+
+_pools: dict[int, tuple[int, ThreadPoolExecutor]] = {}
+
+
+def read_pool(threads: int) -> ThreadPoolExecutor:
+    """This process's pool of ``threads`` reader threads, shared by its readers (a DataLoader worker
+    gets its own after fork: threads do not survive fork)."""
+    pid = os.getpid()
+    got = _pools.get(threads)
+    if got is None or got[0] != pid:
+        got = _pools[threads] = (pid, ThreadPoolExecutor(threads, thread_name_prefix="evl-read"))
+    return got[1]
+
+
+@dataclass
+class _Shard:
+    """A shard file as last seen: its identity (inode, mtime, size), its checked index, an open fd."""
+
+    path: str
+    key: tuple[int, int, int]
+    index: np.ndarray
+    fd: int = -1
+
+
+@dataclass
+class _Job:
+    """One positioned read: file-adjacent chunks of one shard, each into its batch slot."""
+
+    shard: _Shard
+    offset: int
+    items: list[tuple[int, int, int, int]]  # (batch position, video, view, nbytes)
+
+
 @dataclass
 class ChunkReader:
     """Reads (video, view) chunks of one sharded tensor array straight from its shard files.
@@ -101,14 +143,25 @@ class ChunkReader:
     shard file), which would hand zeros to a model; it also costs ~1.5 ms per chunk. This reader
     locates a chunk through its shard's index (itself crc32c-checked), refuses an absent or short
     chunk with `StoreDataError`, checks the chunk's own crc32c, then decodes it (raw bytes, or zstd /
-    blosc). One positioned read per chunk.
+    blosc).
+
+    Every shard index it has read is kept, with the shard file's descriptor open, until the file
+    changes (another inode, mtime or size: a rewrite renames a new file into place), so each index is
+    read once per process. `read_batch` reads a whole batch with a thread pool straight into the
+    caller's batch array, file-adjacent chunks as one run (`read_batches`). Descriptors and the pool
+    are per process: a pickled or forked reader reopens its files.
     """
 
     store_path: str
     name: str
     meta: dict[str, Any]
     verify_checksums: bool = True
-    _index: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict, repr=False)
+    threads: int = READ_THREADS
+    max_open: int = MAX_OPEN_FILES
+    _shards: dict[int, _Shard] = field(default_factory=dict, repr=False)
+    _open: OrderedDict = field(default_factory=OrderedDict, repr=False)  # shard -> None, LRU order of open fds
+    _pid: int = field(default_factory=os.getpid, repr=False)
+    _lock: Any = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         meta = self.meta
@@ -129,74 +182,225 @@ class ChunkReader:
         self.payload_bytes = int(np.prod(self.chunk_shape)) * self.dtype.itemsize
 
     @classmethod
-    def open(cls, store_path: str, name: str, verify_checksums: bool = True) -> "ChunkReader":
+    def open(cls, store_path: str, name: str, verify_checksums: bool = True, threads: int = READ_THREADS) -> "ChunkReader":
         with open(os.path.join(store_path, name, "zarr.json")) as fh:
-            return cls(store_path, name, json.load(fh), verify_checksums)
+            return cls(store_path, name, json.load(fh), verify_checksums, threads)
 
+    # -- files and indexes ----------------------------------------------------------------------
     def shard_file(self, shard: int) -> str:
         coords = (shard,) + (0,) * (len(self.shard_shape) - 1)
         return os.path.join(self.store_path, self.name, self.separator.join(["c", *map(str, coords)]))
 
     def shard_index(self, shard: int) -> np.ndarray:
         """(S, V) x (offset, nbytes) of every chunk of the shard; raises if the file is missing or damaged."""
+        with self._lock:
+            self._after_fork()
+            return self._shard(shard).index
+
+    def _shard(self, shard: int) -> _Shard:
+        """The shard as it is now on disk (one stat), its index re-read only if the file changed."""
         path = self.shard_file(shard)
         try:
             st = os.stat(path)
         except FileNotFoundError:
             raise StoreDataError(f"shard file {path} is missing") from None
-        cached = self._index.get(path)
-        if cached is not None and cached[0] == st.st_mtime_ns:
-            return cached[1]
-        import google_crc32c
-
-        if st.st_size < self.index_bytes:
-            raise StoreDataError(f"shard file {path} is truncated ({st.st_size} bytes)")
-        with open(path, "rb") as fh:
-            fh.seek(st.st_size - self.index_bytes)
-            raw = fh.read(self.index_bytes)
-        body, crc = raw[:-4], raw[-4:]
-        if np.uint32(google_crc32c.value(body)).tobytes() != crc:
-            raise StoreDataError(f"shard file {path} is damaged (index checksum mismatch; truncated or overwritten)")
+        cached = self._shards.get(shard)
+        if cached is not None and cached.key == (st.st_ino, st.st_mtime_ns, st.st_size):
+            if cached.fd < 0:
+                cached.fd = os.open(path, os.O_RDONLY)
+            self._touch(shard)
+            return cached
+        self._forget(shard)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            st = os.fstat(fd)  # the file this descriptor reads, should it have been replaced meanwhile
+            if st.st_size < self.index_bytes:
+                raise StoreDataError(f"shard file {path} is truncated ({st.st_size} bytes)")
+            raw = os.pread(fd, self.index_bytes, st.st_size - self.index_bytes)
+            body, crc = raw[:-4], raw[-4:]
+            if len(raw) != self.index_bytes or _crc32c(body) != crc:
+                raise StoreDataError(f"shard file {path} is damaged (index checksum mismatch; truncated or overwritten)")
+        except BaseException:
+            os.close(fd)
+            raise
         index = np.frombuffer(body, dtype="<u8").reshape(*self.per_shard[:2], 2)
-        self._index = {path: (st.st_mtime_ns, index)}  # one shard at a time: reads are shard-local
-        return index
+        self._shards[shard] = entry = _Shard(path, (st.st_ino, st.st_mtime_ns, st.st_size), index, fd)
+        self._touch(shard)
+        return entry
 
+    def _touch(self, shard: int) -> None:
+        self._open[shard] = None
+        self._open.move_to_end(shard)
+
+    def _trim(self, keep: set[int]) -> None:
+        """Close the least recently used descriptors beyond ``max_open`` (never one this batch uses)."""
+        for shard in [s for s in self._open if s not in keep][: max(0, len(self._open) - self.max_open)]:
+            entry = self._shards[shard]
+            os.close(entry.fd)
+            entry.fd = -1
+            del self._open[shard]
+
+    def forget(self, shard: int) -> None:
+        """Drop the shard's kept index and close its file (a writer replaced it)."""
+        with self._lock:
+            self._forget(shard)
+
+    def _forget(self, shard: int) -> None:
+        entry = self._shards.pop(shard, None)
+        if entry is not None and entry.fd >= 0:
+            os.close(entry.fd)
+        self._open.pop(shard, None)
+
+    def _after_fork(self) -> None:
+        """In a forked child, drop the parent's descriptors (the child's copies) and reopen on demand."""
+        if self._pid != os.getpid():
+            self._close_fds()
+            self._pid = os.getpid()
+
+    def _close_fds(self) -> None:
+        for entry in self._shards.values():
+            if entry.fd >= 0:
+                try:
+                    os.close(entry.fd)
+                except OSError:
+                    pass
+                entry.fd = -1
+        self._open.clear()
+
+    def open_files(self) -> int:
+        """Shard files this reader holds open now (tests, diagnostics)."""
+        return sum(1 for e in self._shards.values() if e.fd >= 0)
+
+    def close(self) -> None:
+        """Close every descriptor; indexes stay (checked against the file again on the next read)."""
+        with self._lock:
+            self._close_fds()
+
+    def __del__(self) -> None:
+        try:
+            self._close_fds()  # in a forked child these are the child's own copies
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without descriptors or lock: the receiving process opens its own files."""
+        state = dict(self.__dict__)
+        state["_shards"], state["_open"], state["_lock"], state["_pid"] = {}, OrderedDict(), None, -1
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock, self._pid = threading.Lock(), os.getpid()
+
+    # -- reads ----------------------------------------------------------------------------------
     def read(self, video: int, view: int, out: np.ndarray | None = None) -> np.ndarray:
         """The chunk as a C-order array (read straight into ``out`` when uncompressed)."""
-        shard, pos = divmod(video, self.shard_shape[0])
-        path = self.shard_file(shard)
-        offset, nbytes = (int(v) for v in self.shard_index(shard)[pos, view])
-        if offset == 2**64 - 1:
-            raise StoreDataError(f"video {video} view {view} has no '{self.name}' chunk in shard file {path}")
-        if self.compressor is None and nbytes != self.payload_bytes + 4:
-            raise StoreDataError(f"video {video} view {view}: '{self.name}' chunk in {path} has {nbytes} bytes, "
-                                 f"expected {self.payload_bytes + 4}")
         out = np.empty(self.chunk_shape[2:], dtype=self.dtype) if out is None else out
-        if self.compressor is None:  # payload straight into ``out``, crc into a 4-byte buffer: one preadv
-            body, crc = out.reshape(-1).view(np.uint8), bytearray(4)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                got = os.preadv(fd, [body, crc], offset)
-            finally:
-                os.close(fd)
-        else:
-            with open(path, "rb", buffering=0) as fh:
-                fh.seek(offset)
-                raw = fh.read(nbytes)
-            got, body, crc = len(raw), np.frombuffer(raw, dtype=np.uint8)[:-4], raw[-4:]
-        if got != nbytes:
-            raise StoreDataError(f"video {video} view {view}: short read of '{self.name}' in {path} (truncated shard file)")
-        if self.verify_checksums:
-            import google_crc32c
-
-            if np.uint32(google_crc32c.value(body)).tobytes() != bytes(crc):
-                raise StoreDataError(f"video {video} view {view}: '{self.name}' chunk in {path} fails its crc32c")
-        if self.compressor is not None:
-            data = np.frombuffer(self._decompress(body), dtype=self.dtype)
-            if data.size != out.size:
-                raise StoreDataError(f"video {video} view {view}: '{self.name}' chunk in {path} decodes to {data.nbytes} bytes")
-            np.copyto(out, data.reshape(out.shape))
+        self.read_batch([(video, view)], out[None], threads=1)
         return out
+
+    def read_batch(self, pairs: list[tuple[int, int]], out: np.ndarray | None = None,
+                   threads: int | None = None) -> np.ndarray:
+        """Chunks (video, view) into ``out[b]`` (B, *chunk shape), in any order, duplicates allowed
+        (`read_batches` with this one array)."""
+        out = np.empty((len(pairs), *self.chunk_shape[2:]), dtype=self.dtype) if out is None else out
+        read_batches([(self, out)], pairs, self.threads if threads is None else threads)
+        return out
+
+    def _plan(self, pairs: list[tuple[int, int]]) -> list[_Job]:
+        """Locate every chunk (raising for an absent or wrong-sized one), then group file-adjacent runs."""
+        located = []
+        seen: dict[int, _Shard] = {}
+        for b, (video, view) in enumerate(pairs):
+            shard, pos = divmod(int(video), self.shard_shape[0])
+            entry = seen.get(shard)
+            if entry is None:
+                entry = seen[shard] = self._shard(shard)
+            offset, nbytes = (int(v) for v in entry.index[pos, view])
+            if offset == ABSENT:
+                raise StoreDataError(f"video {video} view {view} has no '{self.name}' chunk in shard file {entry.path}")
+            if self.compressor is None and nbytes != self.payload_bytes + 4:
+                raise StoreDataError(f"video {video} view {view}: '{self.name}' chunk in {entry.path} has {nbytes} bytes, "
+                                     f"expected {self.payload_bytes + 4}")
+            located.append((shard, offset, b, int(video), int(view), nbytes))
+        self._trim(set(seen))
+        if self.compressor is not None:
+            return [_Job(seen[s], off, [(b, v, w, n)]) for s, off, b, v, w, n in located]
+        jobs: list[_Job] = []
+        for s, off, b, v, w, n in sorted(located):
+            last = jobs[-1] if jobs else None
+            if (last is not None and last.shard is seen[s] and off == last.offset + sum(i[3] for i in last.items)
+                    and 2 * len(last.items) + 2 <= _IOV_MAX and sum(i[3] for i in last.items) + n <= COALESCE_BYTES):
+                last.items.append((b, v, w, n))
+            else:
+                jobs.append(_Job(seen[s], off, [(b, v, w, n)]))
+        return jobs
+
+    def _run(self, job: _Job, out: np.ndarray) -> tuple[int, StoreDataError] | None:
+        """One job's read and checks; returns (batch position, error) instead of raising (pool-safe)."""
+        path, fd = job.shard.path, job.shard.fd
+        at = job.items[0][0]  # the batch position an error is reported for
+        try:
+            if self.compressor is not None:
+                b, video, view, nbytes = job.items[0]
+                raw = os.pread(fd, nbytes, job.offset)
+                if len(raw) != nbytes:
+                    raise StoreDataError(f"video {video} view {view}: short read of '{self.name}' in {path} (truncated shard file)")
+                body = np.frombuffer(raw, dtype=np.uint8)[:-4]
+                self._check(body, raw[-4:], video, view, path)
+                data = np.frombuffer(self._decompress(body), dtype=self.dtype)
+                if data.size != out[b].size:
+                    raise StoreDataError(f"video {video} view {view}: '{self.name}' chunk in {path} decodes to {data.nbytes} bytes")
+                np.copyto(out[b], data.reshape(out[b].shape))
+                return None
+            crcs = np.empty((len(job.items), 4), dtype=np.uint8)
+            sums = [0] * len(job.items)
+            for piece in self._pieces(job, out, crcs):  # one preadv per piece, checksummed while in cache
+                want = sum(len(p[0]) for p in piece)
+                got = os.preadv(fd, [p[0] for p in piece], piece[0][2])
+                if got != want:
+                    for buf, k, _, _ in piece:
+                        got -= len(buf)
+                        if got < 0:
+                            at, (_, video, view_, _) = job.items[k][0], job.items[k]
+                            raise StoreDataError(f"video {video} view {view_}: short read of '{self.name}' in {path} "
+                                                 "(truncated shard file)")
+                if self.verify_checksums:
+                    for buf, k, _, payload in piece:
+                        if payload:
+                            sums[k] = _extend_crc32c(sums[k], buf)
+            for k, (b, video, view, _) in enumerate(job.items):
+                at = b
+                if self.verify_checksums and np.uint32(sums[k]).tobytes() != crcs[k].tobytes():
+                    raise StoreDataError(f"video {video} view {view}: '{self.name}' chunk in {path} fails its crc32c")
+            return None
+        except StoreDataError as err:
+            return at, err
+        except OSError as err:
+            return at, StoreDataError(f"reading '{self.name}' from {path} failed: {err}")
+
+    def _pieces(self, job: _Job, out: np.ndarray, crcs: np.ndarray) -> Iterator[list[tuple[np.ndarray, int, int, bool]]]:
+        """The job's bytes (each chunk's payload slot, then its 4 crc bytes) cut into consecutive
+        pieces of at most `READ_PIECE` bytes: lists of (buffer, chunk number, file offset, is payload)."""
+        piece: list[tuple[np.ndarray, int, int, bool]] = []
+        size, pos = 0, job.offset
+        for k, (b, _, _, _) in enumerate(job.items):
+            body = out[b].reshape(-1).view(np.uint8)
+            for buf, payload in ((body, True), (crcs[k], False)):
+                lo = 0
+                while lo < len(buf):
+                    take = min(len(buf) - lo, READ_PIECE - size)
+                    piece.append((buf[lo:lo + take], k, pos, payload))
+                    size, pos, lo = size + take, pos + take, lo + take
+                    if size == READ_PIECE:
+                        yield piece
+                        piece, size = [], 0
+        if piece:
+            yield piece
+
+    def _check(self, body: Any, crc: bytes, video: int, view: int, path: str) -> None:
+        if self.verify_checksums and _crc32c(body) != bytes(crc):
+            raise StoreDataError(f"video {video} view {view}: '{self.name}' chunk in {path} fails its crc32c")
 
     def _decompress(self, body: memoryview) -> bytes:
         if self.compressor == "zstd":
@@ -206,6 +410,56 @@ class ChunkReader:
         from numcodecs import Blosc
 
         return Blosc().decode(body)
+
+
+def read_batches(targets: list[tuple[ChunkReader, np.ndarray]], pairs: list[tuple[int, int]],
+                 threads: int = READ_THREADS) -> None:
+    """Read the chunks (video, view) of ``pairs`` of every (reader, out) into ``out[b]``, all arrays'
+    reads in one pool of ``threads`` (1: in this thread).
+
+    Each shard's index comes from the reader's kept ones (one stat per shard per batch). A run of
+    chunks that lie back to back in one shard file is one job: its bytes go straight into their slots
+    (and 4 crc bytes per chunk) by ``preadv`` calls of `READ_PIECE` bytes that cross chunk boundaries,
+    each piece checksummed right after its read, while it is still in the CPU cache. Every chunk is checked as `ChunkReader.read` checks it; an absent
+    or wrong-sized chunk raises before any read, a short or damaged one (the first in batch order)
+    after all reads have finished, so no thread still writes into an ``out``.
+    """
+    plans = []
+    for reader, out in targets:
+        shape = (len(pairs), *reader.chunk_shape[2:])
+        if out.shape != shape or out.dtype != reader.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous {reader.dtype} array of shape {shape}")
+    locks = sorted({id(reader): reader._lock for reader, _ in targets}.items())  # one order: no deadlock
+    locks = [lock for _, lock in locks]
+    for lock in locks:
+        lock.acquire()
+    try:
+        for reader, out in targets:
+            reader._after_fork()
+            plans += [(reader, job, out) for job in reader._plan(pairs)]
+        if threads <= 1 or len(plans) <= 1:
+            errors = [reader._run(job, out) for reader, job, out in plans]
+        else:
+            errors = list(read_pool(threads).map(lambda p: p[0]._run(p[1], p[2]), plans))
+    finally:
+        for lock in reversed(locks):
+            lock.release()
+    bad = [e for e in errors if e is not None]
+    if bad:
+        raise min(bad, key=lambda e: e[0])[1]
+
+
+def _extend_crc32c(crc: int, data: Any) -> int:
+    import google_crc32c
+
+    return google_crc32c.extend(crc, data)
+
+
+def _crc32c(data: Any) -> bytes:
+    import google_crc32c
+
+    return np.uint32(google_crc32c.value(data)).tobytes()
+
 
 
 # ------------------------------------------------------------------------------------ the table
@@ -371,6 +625,7 @@ class CacheStore:
                 full[np.asarray(videos) - lo] = data
                 arr[lo:hi] = full
             files.append(self.reader(name).shard_file(shard))
+            self.reader(name).forget(shard)  # drop the replaced file's descriptor: it would pin its disk space
         sync_files(f for f in files if os.path.exists(f))
         return files
 
