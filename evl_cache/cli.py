@@ -235,6 +235,9 @@ def train(
                                                "for torchrun, launch `torchrun ... $(which evl-cache) train` instead."),
     ray_address: str = typer.Option(None, help="With --ray-workers: join this Ray cluster instead of starting a local one."),
     gpus_per_worker: float = typer.Option(0.0, help="With --ray-workers: GPUs per worker (0 = CPU workers, gloo)."),
+    sweep: Path = typer.Option(None, help="YAML with a 'sweep:' list of named model:/train: overrides: train them all in "
+                                          "one pass over the store, into OUT/<name>/ (a 'sweep:' section in --config works too)."),
+    init_from: str = typer.Option(None, help="Start from every matching weight of this checkpoint (train.init_from)."),
 ) -> None:
     """Train the EVL decoder by streaming a cache store (one process, torchrun ranks, or Ray Train workers)."""
     import os
@@ -246,13 +249,27 @@ def train(
     for section, key, value in (("data", "train_store", train_store), ("data", "val_store", val_store),
                                 ("train", "steps", steps), ("train", "batch_size", batch), ("train", "lr", lr),
                                 ("data", "num_workers", workers), ("train", "amp", amp),
-                                ("train", "device", device), ("train", "seed", seed)):
+                                ("train", "device", device), ("train", "seed", seed), ("train", "init_from", init_from)):
         if value is not None:  # explicit flags win over the YAML and --set
             setattr(getattr(cfg, section), key, value)
     if allow_partial:
         cfg.data.allow_partial = True
     if ray_workers is None and (ray_address is not None or gpus_per_worker):
         raise UserError("--ray-address and --gpus-per-worker need --ray-workers N")
+    from evl_cache.sweep import members, sweep_spec
+
+    spec = sweep_spec(config, sweep)
+    if spec is not None:
+        if ray_workers is not None:
+            raise UserError("a sweep trains in one process; drop --ray-workers, or train each configuration as its own run")
+        from evl_cache.train import train_sweep
+
+        for summary in train_sweep(members(spec[0], cfg.validated(), spec[1]), out, resume=resume, until_step=until_step,
+                                   progress=progress, echo=typer.echo):
+            typer.echo(f"[{Path(summary.out_dir).name}]")
+            for line in summary.lines():
+                typer.echo(f"  {line}")
+        return
     if ray_workers is not None:
         from evl_cache.distributed import train_on_ray
 

@@ -21,6 +21,8 @@ from evl_cache.store import comparable_attr
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 # Sections of a recipe YAML that belong to other stages (e.g. `extract` for `evl-cache extract`).
 OTHER_SECTIONS = {"extract", "eval", "pipeline", "name", "description"}
+# The section listing the decoder configurations `evl-cache train` trains in one pass (evl_cache/sweep.py).
+SWEEP_SECTION = "sweep"
 
 
 @dataclass
@@ -64,6 +66,16 @@ class TrainConfig:
     eval_every: int = 1000
     log_every: int = 10
     eval_batch_size: int = 64
+    # Fine-tuning: start from every decoder weight of this checkpoint whose name and shape match
+    # (a head of another class count stays freshly initialised); the loaded weights train with the
+    # learning rate and weight decay scaled by these multipliers, the fresh ones at 1.0.
+    init_from: str | None = None
+    pretrained_lr_mult: float = 1.0
+    pretrained_wd_mult: float = 1.0
+
+
+# TrainConfig keys added after runs were first recorded: a resume state without them holds their default.
+LATER_TRAIN_KEYS = {"init_from": None, "pretrained_lr_mult": 1.0, "pretrained_wd_mult": 1.0}
 
 
 @dataclass
@@ -92,10 +104,10 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> "RunConfig":
         if not isinstance(d, dict):
             raise UserError(f"{where} must be a mapping with sections model/train/data")
-        unknown = sorted(set(d) - {"model", "train", "data"} - OTHER_SECTIONS)
+        unknown = sorted(set(d) - {"model", "train", "data", SWEEP_SECTION} - OTHER_SECTIONS)
         if unknown:
             raise UserError(f"{where}: unknown section(s) {unknown}; training reads model, train and data "
-                            f"(a recipe may also hold {sorted(OTHER_SECTIONS)})")
+                            f"(a recipe may also hold {sorted(OTHER_SECTIONS | {SWEEP_SECTION})})")
         return cls(
             model=_section(ModelConfig, d.get("model"), f"{where}: model"),
             train=_section(TrainConfig, d.get("train"), f"{where}: train"),
@@ -120,6 +132,13 @@ class RunConfig:
         for name in ("checkpoint_every", "eval_every", "log_every", "eval_batch_size"):
             if getattr(t, name) < 1:
                 problems.append(f"train.{name} must be >= 1")
+        for name in ("pretrained_lr_mult", "pretrained_wd_mult"):
+            mult = getattr(t, name)
+            if mult < 0:
+                problems.append(f"train.{name}={mult} must be >= 0")
+            elif mult != 1.0 and not t.init_from:
+                problems.append(f"train.{name}={mult} scales the weights loaded by train.init_from, which is not set; "
+                                f"set train.init_from (--init-from) or drop train.{name}")
         if self.data.num_workers < 0:
             problems.append("data.num_workers must be >= 0")
         if problems:

@@ -28,21 +28,24 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from evl_cache.completeness import require_complete, store_line, video_counts
-from evl_cache.config import RunConfig, TrainConfig, check_store_pair, decoder_config_for_store, save_config
+from evl_cache.config import (
+    LATER_TRAIN_KEYS, RunConfig, TrainConfig, check_store_pair, decoder_config_for_store, save_config,
+)
 from evl_cache.data import to_device
 from evl_cache.distributed import Dist, env_world_size, join, rank_seed
 from evl_cache.errors import UserError
 from evl_cache.evaluate import autocast, collect_view_probs, compute_metrics, video_scores
+from evl_cache.finetune import InitReport, load_matching, param_groups, write_report
 from evl_cache.store import open_store
 
 STATE_FILE = "train_state.pt"
@@ -177,8 +180,9 @@ def _check_resume(saved: dict[str, Any], cfg: RunConfig, digest: str, where: Pat
         for key, value in new[section].items():
             if key in RESUMABLE_CHANGES or key in REGROUPABLE_CHANGES:
                 continue
-            if old[section].get(key) != value:
-                raise UserError(f"cannot resume {where}: {section}.{key} was {old[section].get(key)!r}, now {value!r}; "
+            was = old[section].get(key, LATER_TRAIN_KEYS.get(key) if section == "train" else None)
+            if was != value:
+                raise UserError(f"cannot resume {where}: {section}.{key} was {was!r}, now {value!r}; "
                                 f"resume with the original settings or start a new --out")
     if saved["items_digest"] != digest:
         raise UserError(f"cannot resume {where}: the train store's done videos or views changed since the run started; "
@@ -304,17 +308,24 @@ def _saved_state(out: Path, resume: bool, cfg: RunConfig, digest: str) -> dict[s
 @dataclass
 class Parts:
     """What the loop updates. ``model`` is the decoder (saved, evaluated); ``net`` is what a training
-    step calls: the decoder itself, or DistributedDataParallel around it."""
+    step calls: the decoder itself, or DistributedDataParallel around it. ``init``: what
+    ``train.init_from`` loaded (None without it)."""
 
     model: Any
     net: torch.nn.Module
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    init: InitReport | None = None
 
 
 def build_parts(dcfg: Any, t: TrainConfig, device: torch.device, amp: str, dist: Dist) -> Parts:
-    """Seeded decoder, AdamW, per-step cosine and grad scaler (every rank builds the same weights).
+    """Seeded decoder (then the ``train.init_from`` weights that fit), AdamW, per-step cosine and
+    grad scaler (every rank builds the same weights).
+
+    Loading a checkpoint draws no random numbers, so a fresh head is the one a run from scratch
+    draws. With ``init_from`` the optimizer has a "new" group at (lr, weight_decay) and a
+    "pretrained" group scaled by ``train.pretrained_lr_mult`` / ``pretrained_wd_mult``.
 
     With several ranks, torch's RNG is then reseeded per rank so each rank draws its own dropout
     masks (dropout therefore depends on the world size; see docs/distributed.md, "Dropout and RNG").
@@ -324,18 +335,22 @@ def build_parts(dcfg: Any, t: TrainConfig, device: torch.device, amp: str, dist:
     torch.manual_seed(t.seed)
     np.random.seed(t.seed % 2**32)
     random.seed(t.seed)
-    model = EVLDecoder(dcfg).to(device)
+    model = EVLDecoder(dcfg)
+    init = load_matching(model, t.init_from) if t.init_from else None
+    model = model.to(device)
     net: torch.nn.Module = model
     if dist.active:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         torch.manual_seed(rank_seed(t.seed, dist.rank))
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+    params: Any = model.parameters() if init is None else param_groups(
+        model, init, t.lr, t.weight_decay, t.pretrained_lr_mult, t.pretrained_wd_mult)
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, t.steps, t.warmup_steps, t.min_lr / t.lr if t.lr else 0.0))
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
-    return Parts(model, net, opt, sched, scaler)
+    return Parts(model, net, opt, sched, scaler, init)
 
 
 def restore(parts: Parts, saved: dict[str, Any], dist: Dist, seed: int) -> int:
@@ -346,7 +361,11 @@ def restore(parts: Parts, saved: dict[str, Any], dist: Dist, seed: int) -> int:
     reseeded from (seed, rank, step).
     """
     parts.model.load_state_dict(saved["model"])
-    parts.opt.load_state_dict(saved["optimizer"])
+    try:
+        parts.opt.load_state_dict(saved["optimizer"])
+    except ValueError as err:  # the parameter groups differ: init_from now matches other tensors
+        raise UserError(f"cannot resume: the saved optimizer's parameter groups do not fit this run ({err}); "
+                        f"the train.init_from checkpoint changed since the run started; restore it or start a new --out") from err
     parts.sched.load_state_dict(saved["scheduler"])
     if saved["scaler"]:
         parts.scaler.load_state_dict(saved["scaler"])
@@ -357,6 +376,34 @@ def restore(parts: Parts, saved: dict[str, Any], dist: Dist, seed: int) -> int:
     else:
         torch.manual_seed(rank_seed(seed, dist.rank, step))
     return step
+
+
+class RngSlot:
+    """One model's own stream of the global RNGs (torch CPU and CUDA, numpy, python) in a sweep.
+
+    Dropout draws from torch's global generator; swapping each model's state in around everything
+    it runs gives it exactly the draws it would make training alone."""
+
+    def __init__(self) -> None:
+        self.state = self._capture()
+
+    @staticmethod
+    def _capture() -> tuple[Any, ...]:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        return torch.get_rng_state(), cuda, np.random.get_state(), random.getstate()
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        cpu, cuda, np_state, py_state = self.state
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+        try:
+            yield
+        finally:
+            self.state = self._capture()
 
 
 # ------------------------------------------------------------------------------- the run directory
@@ -415,117 +462,168 @@ class RunDir:
 # ------------------------------------------------------------------------------- the loop
 
 
-class Loop:
-    """The optimizer-step loop: one global batch per step, logging, validation and checkpoints on schedule.
+class Trainee:
+    """One model a run trains: its config, decoder parts, run directory, first step, log window and
+    (in a sweep) its own RNG stream. A solo run has one; a sweep one per configuration."""
 
-    Every rank runs every method at the same steps (they hold collectives); only rank 0's `RunDir`
-    writes. The logged loss is the mean over the global batch: each rank's micro-batch loss is a mean,
-    divided by grad_accum, and DDP averages the gradients over the ranks (equal local batches).
-    """
-
-    def __init__(self, cfg: RunConfig, inputs: Inputs, parts: Parts, dist: Dist, device: torch.device, amp: str,
-                 run: RunDir, loader: Any, window: dict[str, Any] | None) -> None:
-        self.cfg, self.t, self.inputs, self.parts = cfg, cfg.train, inputs, parts
-        self.dist, self.device, self.amp, self.run_dir, self.loader = dist, device, amp, run, loader
+    def __init__(self, name: str | None, cfg: RunConfig, parts: Parts, run: RunDir, start: int, amp: str,
+                 device: torch.device, window: dict[str, Any] | None, rng: RngSlot | None) -> None:
+        self.name, self.cfg, self.t, self.parts, self.run_dir = name, cfg, cfg.train, parts, run
+        self.start, self.amp, self.rng = start, amp, rng
         self.win_loss = torch.zeros((), device=device)  # running sum of step losses over the log window
         self.win_steps = 0
         if window is not None:
             self.win_loss, self.win_steps = window["loss"].to(device), int(window["steps"])
+        self.window_t, self.window_n = 0.0, 0  # samples/s: start and samples of the current window
         self.last_loss: float | None = None
         self.last_val: float | None = None
         self.last_ck: str | None = None
 
-    def meta(self, step: int) -> dict[str, Any]:
-        return checkpoint_meta(self.inputs.attrs, self.inputs.val_attrs, self.cfg.data.train_store, step)
+    def scope(self) -> Any:
+        """Everything this model runs draws from its own RNG stream (a no-op in a solo run)."""
+        return self.rng.active() if self.rng is not None else nullcontext()
 
-    def train_step(self, it: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One optimizer step over this rank's share of a global batch: (global mean loss, video ids read)."""
-        t, p = self.t, self.parts
-        p.opt.zero_grad(set_to_none=True)
-        loss_acc = torch.zeros((), device=self.device)
+    def lr(self) -> float:
+        """The base learning rate of the coming step (what a group with multiplier 1.0 uses)."""
+        sched = self.parts.sched
+        return self.t.lr * sched.lr_lambdas[0](sched.last_epoch)
+
+
+class Loop:
+    """The optimizer-step loop: one global batch per step, fed to every `Trainee` (one, or the
+    members of a sweep); each logs, validates and checkpoints on its own schedule.
+
+    Every batch is read and moved to the device once. Every rank runs every method at the same
+    steps (they hold collectives); only rank 0's `RunDir`s write. The logged loss is the mean over
+    the global batch: each rank's micro-batch loss is a mean, divided by grad_accum, and DDP
+    averages the gradients over the ranks (equal local batches).
+    """
+
+    def __init__(self, trainees: list[Trainee], inputs: Inputs, dist: Dist, device: torch.device, loader: Any) -> None:
+        self.trainees, self.inputs, self.dist, self.device, self.loader = trainees, inputs, dist, device, loader
+        self.t = trainees[0].t  # batch_size, grad_accum and steps are shared (evl_cache.sweep)
+
+    def meta(self, m: Trainee, step: int) -> dict[str, Any]:
+        return checkpoint_meta(self.inputs.attrs, self.inputs.val_attrs, m.cfg.data.train_store, step)
+
+    def train_step(self, it: Any, active: list[Trainee]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """One optimizer step of each active model over this rank's share of a global batch:
+        (global mean loss per model, video ids read)."""
+        accum = self.t.grad_accum
+        for m in active:
+            m.parts.opt.zero_grad(set_to_none=True)
+        loss_acc = [torch.zeros((), device=self.device) for _ in active]
         videos = []
-        for a in range(t.grad_accum):
+        for a in range(accum):
             batch = next(it)
             videos.append(batch.pop("video"))
             batch = to_device(batch, self.device)
             label = batch.pop("label").long()
-            # gradients are all-reduced once per step, on the last micro-batch
-            sync = p.net.no_sync() if self.dist.active and a < t.grad_accum - 1 else nullcontext()
-            with sync:
-                with autocast(self.device, self.amp):
-                    logits = p.net(batch)
-                loss = F.cross_entropy(logits.float(), label, label_smoothing=t.label_smoothing)
-                p.scaler.scale(loss / t.grad_accum).backward()
-            loss_acc += loss.detach() / t.grad_accum
-        p.scaler.step(p.opt)
-        p.scaler.update()
-        p.sched.step()
-        return self.dist.all_mean_(loss_acc), videos
+            for i, m in enumerate(active):
+                p = m.parts
+                # gradients are all-reduced once per step, on the last micro-batch
+                sync = p.net.no_sync() if self.dist.active and a < accum - 1 else nullcontext()
+                with m.scope(), sync:
+                    with autocast(self.device, m.amp):
+                        logits = p.net(batch)
+                    loss = F.cross_entropy(logits.float(), label, label_smoothing=m.t.label_smoothing)
+                    p.scaler.scale(loss / accum).backward()
+                loss_acc[i] += loss.detach() / accum
+        for m in active:
+            with m.scope():
+                m.parts.scaler.step(m.parts.opt)
+                m.parts.scaler.update()
+                m.parts.sched.step()
+        return [self.dist.all_mean_(loss) for loss in loss_acc], videos
 
     def batch_digest(self, videos: list[torch.Tensor]) -> str:
         """sha256 (16 hex) of the global batch's video ids in global order: which clips a step read."""
         mine = torch.cat(videos).numpy().astype(np.int64)
         return hashlib.sha256(np.concatenate(self.dist.gather(mine)).tobytes()).hexdigest()[:16]
 
-    def validate(self, step: int) -> dict[str, Any]:
-        """Validation metrics of the current decoder; the views are scored sharded over the ranks."""
-        t = self.t
-        probs, vids = collect_view_probs(self.parts.model, self.cfg.data.val_store, t.eval_batch_size, self.device,
-                                         self.cfg.data.num_workers, self.amp, dist=self.dist)
+    def validate(self, m: Trainee, step: int) -> dict[str, Any]:
+        """Validation metrics of a model's current decoder; the views are scored sharded over the ranks."""
+        probs, vids = collect_view_probs(m.parts.model, m.cfg.data.val_store, m.t.eval_batch_size, self.device,
+                                         m.cfg.data.num_workers, m.amp, dist=self.dist)
         videos, scores = video_scores(probs, vids)
-        m = compute_metrics(scores, self.inputs.val_labels[videos].astype(np.int64), list(self.inputs.attrs["class_names"]))
-        return {"step": step, "val_top1": m["top1"], "val_top5": m["top5"], "val_mean_class": m["mean_class_accuracy"]}
+        metrics = compute_metrics(scores, self.inputs.val_labels[videos].astype(np.int64), list(self.inputs.attrs["class_names"]))
+        return {"step": step, "val_top1": metrics["top1"], "val_top5": metrics["top5"],
+                "val_mean_class": metrics["mean_class_accuracy"]}
 
-    def save(self, step: int) -> str | None:
+    def save(self, m: Trainee, step: int) -> str | None:
         """Checkpoint and resume state (the RNG states of every rank, gathered to rank 0)."""
-        p = self.parts
+        p = m.parts
         rngs = self.dist.gather(rng_state())
         state = lambda: {  # noqa: E731 - built on rank 0 only
             "step": step, "model": p.model.state_dict(), "optimizer": p.opt.state_dict(),
             "scheduler": p.sched.state_dict(), "scaler": p.scaler.state_dict(), "rng": rngs,
-            "world_size": self.dist.world_size, "config": self.cfg.to_dict(), "items_digest": self.inputs.digest,
-            "window": {"loss": self.win_loss.detach().cpu().clone(), "steps": self.win_steps},
+            "world_size": self.dist.world_size, "config": m.cfg.to_dict(), "items_digest": self.inputs.digest,
+            "window": {"loss": m.win_loss.detach().cpu().clone(), "steps": m.win_steps},
         }
-        return self.run_dir.save(step, p.model, self.meta(step), state)
+        return m.run_dir.save(step, p.model, self.meta(m, step), state)
+
+    def _pause(self, since: float) -> None:
+        """Time spent validating or saving is not training: move every model's samples/s window on."""
+        spent = time.perf_counter() - since
+        for m in self.trainees:
+            m.window_t += spent
+
+    def log(self, m: Trainee, n: int, loss: torch.Tensor, lr: float, digest: str) -> tuple[float, float, float]:
+        """One metrics record of model ``m`` after step ``n``; returns (window mean loss, lr, samples/s)."""
+        t = m.t
+        now = time.perf_counter()
+        m.last_loss = float(loss.item())
+        mean_loss = float(m.win_loss.item()) / m.win_steps
+        sps = m.window_n / max(now - m.window_t, 1e-9)
+        m.run_dir.log({"step": n, "loss": m.last_loss, "loss_mean": mean_loss, "lr": lr, "samples_per_s": sps,
+                       "epoch": n * t.batch_size / self.inputs.num_done, "batch_digest": digest})
+        m.window_t, m.window_n = now, 0
+        m.win_loss.zero_()
+        m.win_steps = 0
+        return mean_loss, lr, sps
 
     def run(self, start: int, end: int, progress: bool) -> float:
-        """Steps ``start``..``end``; returns the seconds spent."""
-        t = self.t
-        bar = _Bar(progress and self.dist.main, start, end)
-        self.parts.model.train()
+        """Steps ``start``..``end`` (a model whose own start is later joins at it); returns the seconds spent."""
+        label = "train" if len(self.trainees) == 1 else f"sweep x{len(self.trainees)}"
+        bar = _Bar(progress and self.dist.main, start, end, label)
+        for m in self.trainees:
+            m.parts.model.train()
         it = iter(self.loader)
         began = time.perf_counter()
-        window_t, window_n = began, 0
+        for m in self.trainees:
+            m.window_t = began
         try:
             for step in range(start, end):
-                lr = self.parts.sched.get_last_lr()[0]
-                loss, videos = self.train_step(it)
+                active = [m for m in self.trainees if m.start <= step]
+                lrs = [m.lr() for m in active]
+                losses, videos = self.train_step(it, active)
                 n = step + 1
-                window_n += t.batch_size
-                self.win_loss += loss
-                self.win_steps += 1
-                if n % t.log_every == 0 or n == t.steps:  # not at until_step: the window carries over
-                    now = time.perf_counter()
-                    self.last_loss = float(loss.item())
-                    mean_loss = float(self.win_loss.item()) / self.win_steps
-                    sps = window_n / max(now - window_t, 1e-9)
-                    self.run_dir.log({"step": n, "loss": self.last_loss, "loss_mean": mean_loss, "lr": lr,
-                                      "samples_per_s": sps, "epoch": n * t.batch_size / self.inputs.num_done,
-                                      "batch_digest": self.batch_digest(videos)})
-                    bar.update(n, mean_loss, lr, sps)
-                    window_t, window_n = now, 0
-                    self.win_loss.zero_()
-                    self.win_steps = 0
-                if self.cfg.data.val_store and (n % t.eval_every == 0 or n == t.steps):
-                    rec = self.validate(n)
-                    self.last_val = rec["val_top1"]
-                    self.run_dir.log(rec)
-                    bar.note(f"step {n}: val top-1 " + ("n/a (no labelled videos)" if self.last_val is None
-                                                        else f"{100 * self.last_val:.2f}%"))
-                    window_t = time.perf_counter()  # samples/s measures training, not validation
-                if n % t.checkpoint_every == 0 or n == end:
-                    self.last_ck = self.save(n)
-                    window_t = time.perf_counter()
+                digest, shown = None, []
+                for m, lr, loss in zip(active, lrs, losses):
+                    m.window_n += m.t.batch_size
+                    m.win_loss += loss
+                    m.win_steps += 1
+                    if n % m.t.log_every == 0 or n == m.t.steps:  # not at until_step: the window carries over
+                        digest = digest or self.batch_digest(videos)
+                        shown.append(self.log(m, n, loss, lr, digest))
+                if shown:
+                    bar.update(n, [s[0] for s in shown], shown[0][1], shown[0][2])
+                for m in active:
+                    if m.cfg.data.val_store and (n % m.t.eval_every == 0 or n == m.t.steps):
+                        since = time.perf_counter()
+                        with m.scope():
+                            rec = self.validate(m, n)
+                        m.last_val = rec["val_top1"]
+                        m.run_dir.log(rec)
+                        who = f"{m.name}: " if m.name else ""
+                        bar.note(f"{who}step {n}: val top-1 " + ("n/a (no labelled videos)" if m.last_val is None
+                                                                 else f"{100 * m.last_val:.2f}%"))
+                        self._pause(since)  # samples/s measures training, not validation
+                    if n % m.t.checkpoint_every == 0 or n == end:
+                        since = time.perf_counter()
+                        with m.scope():
+                            m.last_ck = self.save(m, n)
+                        self._pause(since)
         finally:
             bar.close()
             del it
@@ -548,66 +646,138 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, resume: bool = False, unti
     split_batch(cfg.train, env_world_size())  # refuse before opening a process group
     dist, device = join(cfg.train.device)
     try:
-        return _train(cfg, Path(out_dir), dist, device, resume, until_step, progress, echo)
+        return _train([(None, cfg)], Path(out_dir), dist, device, resume, until_step, progress, echo)[0]
     finally:
         dist.close()
 
 
-def _train(cfg: RunConfig, out: Path, dist: Dist, device: torch.device, resume: bool, until_step: int | None,
-           progress: bool, echo: Callable[[str], None] | None) -> TrainSummary:
-    """`train`'s steps: inputs, resume state, model, run directory, loader, loop, final outputs."""
+def train_sweep(members: list[Any], out_dir: str | os.PathLike, resume: bool = False, until_step: int | None = None,
+                progress: bool = True, echo: Callable[[str], None] | None = None) -> list[TrainSummary]:
+    """Train the members of a sweep (`evl_cache.sweep.members`) in one pass over the store: each
+    batch is read once and fed to every model. Member ``name`` writes ``out_dir/name``, laid out as
+    a solo run, and its results equal training it alone (same losses, weights and metrics).
+
+    One process only: under torchrun or Ray Train, train each configuration as its own run.
+    """
+    from evl_cache.sweep import check_shared_stream
+
+    if env_world_size() > 1:
+        raise UserError("sweep training runs in one process (no torchrun/Ray Train data parallelism); launch it "
+                        "without torchrun, or train each configuration as its own data-parallel run")
+    check_shared_stream(members, "sweep")
+    cfgs = [(m.name, m.cfg.validated()) for m in members]
+    split_batch(cfgs[0][1].train, 1)
+    dist, device = join(cfgs[0][1].train.device)
+    try:
+        return _train(cfgs, Path(out_dir), dist, device, resume, until_step, progress, echo)
+    finally:
+        dist.close()
+
+
+def _saved_states(dirs: list[Path], cfgs: list[RunConfig], resume: bool, digest: str, sweep: bool,
+                  out: Path) -> list[dict[str, Any] | None]:
+    """Each model's checked resume state (None: starts at step 0); run on rank 0, which owns the run
+    directories. A resumed sweep continues every member that has a state and starts the others at 0
+    (members added since, or interrupted before their first checkpoint)."""
+    if not sweep:
+        return [_saved_state(dirs[0], resume, cfgs[0], digest)]
+    have = [(d / STATE_FILE).exists() for d in dirs]
+    if not resume and any(have):
+        d = dirs[have.index(True)]
+        raise UserError(f"{d} already holds a training run ({STATE_FILE}); pass --resume to continue the sweep "
+                        f"or choose a new --out")
+    if resume and not any(have):
+        raise UserError(f"nothing to resume in {out} (no member directory holds {STATE_FILE}); drop --resume to start the sweep")
+    out_states: list[dict[str, Any] | None] = []
+    for d, c, h in zip(dirs, cfgs, have):
+        saved = _load_state(d / STATE_FILE) if h else None
+        if saved is not None:
+            _check_resume(saved, c, digest, d)
+        out_states.append(saved)
+    return out_states
+
+
+def _train(specs: list[tuple[str | None, RunConfig]], out: Path, dist: Dist, device: torch.device, resume: bool,
+           until_step: int | None, progress: bool, echo: Callable[[str], None] | None) -> list[TrainSummary]:
+    """`train`'s steps for one model (name None, writing ``out``) or a sweep (writing ``out/name``):
+    inputs, resume states, models, run directories, one loader, the loop, final outputs."""
     from evl_cache.data import make_loader
 
-    t = cfg.train
+    cfg0 = specs[0][1]
+    t = cfg0.train
     micro = split_batch(t, dist.world_size)
-    inputs = open_inputs(cfg)
-    saved = dist.from_main(lambda: _saved_state(out, resume, cfg, inputs.digest))
-    if echo is not None and dist.main:
-        for line in _store_lines(cfg, inputs):
-            echo(line)
-    amp = resolve_amp(t.amp, device)
-    parts = build_parts(inputs.dcfg, t, device, amp, dist)
-    start = restore(parts, saved, dist, t.seed) if saved is not None else 0
-    run = RunDir(out, enabled=dist.main)
-    run.begin(cfg, start, resume)
-    loader = make_loader(cfg.data.train_store, micro, train=True, seed=t.seed, start=start * t.batch_size,
-                         num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
-                         pin_memory=cfg.data.pin_memory and device.type == "cuda",
+    inputs = open_inputs(cfg0)
+    sweep = specs[0][0] is not None
+    dirs = [out / name if name is not None else out for name, _ in specs]
+    cfgs = [c for _, c in specs]
+    dcfgs = [decoder_config_for_store(c.model, inputs.attrs, c.data.train_store) for c in cfgs]
+    saved = dist.from_main(lambda: _saved_states(dirs, cfgs, resume, inputs.digest, sweep, out))
+    say = echo if echo is not None and dist.main else (lambda _: None)
+    for line in _store_lines(cfg0, inputs):
+        say(line)
+    trainees = []
+    for (name, c), d, dcfg, s in zip(specs, dirs, dcfgs, saved):
+        amp = resolve_amp(c.train.amp, device)
+        parts = build_parts(dcfg, c.train, device, amp, dist)  # seeds the global RNGs: this model's stream
+        start = restore(parts, s, dist, c.train.seed) if s is not None else 0
+        if parts.init is not None:
+            for line in parts.init.lines():
+                say(f"{name}: {line}" if name else line)
+        run = RunDir(d, enabled=dist.main)
+        run.begin(c, start, s is not None)
+        if parts.init is not None and dist.main:
+            write_report(d, parts.init)
+        trainees.append(Trainee(name, c, parts, run, start, amp, device, s.get("window") if s else None,
+                                RngSlot() if sweep else None))
+    if sweep and dist.main:
+        (out / "sweep.json").write_text(json.dumps({"members": [n for n, _ in specs]}, indent=2) + "\n")
+    first = min(m.start for m in trainees)
+    loader = make_loader(cfg0.data.train_store, micro, train=True, seed=t.seed, start=first * t.batch_size,
+                         num_workers=cfg0.data.num_workers, prefetch_factor=cfg0.data.prefetch_factor,
+                         pin_memory=cfg0.data.pin_memory and device.type == "cuda",
                          rank=dist.rank, world_size=dist.world_size, block=micro * t.grad_accum,
-                         views=cfg.data.train_views)
+                         views=cfg0.data.train_views)
     end = t.steps if until_step is None else min(t.steps, until_step)
-    loop = Loop(cfg, inputs, parts, dist, device, amp, run, loader, saved.get("window") if saved else None)
-    seconds = loop.run(start, end, progress)
-    final, plots = run.finish(parts.model, loop.meta(end) if end == t.steps else None)
-    samples = (end - start) * t.batch_size
-    summary = TrainSummary(out_dir=str(out), steps=end, start_step=start, samples=samples, seconds=seconds,
-                           samples_per_s=samples / seconds if seconds > 0 else 0.0, final_loss=loop.last_loss,
-                           val_top1=loop.last_val, checkpoint=final or loop.last_ck, plots=plots,
-                           store_videos=inputs.counts, world_size=dist.world_size)
-    run.write_summary(summary)
-    return summary
+    loop = Loop(trainees, inputs, dist, device, loader)
+    seconds = loop.run(first, end, progress)
+    summaries = []
+    for m in trainees:
+        final, plots = m.run_dir.finish(m.parts.model, loop.meta(m, end) if end == t.steps else None)
+        samples = max(0, end - m.start) * t.batch_size
+        summary = TrainSummary(out_dir=str(m.run_dir.out), steps=end, start_step=m.start, samples=samples,
+                               seconds=seconds, samples_per_s=samples / seconds if seconds > 0 else 0.0,
+                               final_loss=m.last_loss, val_top1=m.last_val, checkpoint=final or m.last_ck, plots=plots,
+                               store_videos=inputs.counts, world_size=dist.world_size)
+        m.run_dir.write_summary(summary)
+        summaries.append(summary)
+    if sweep and dist.main:
+        (out / "sweep.json").write_text(json.dumps({"members": [n for n, _ in specs],
+                                                    "summaries": [s.__dict__ for s in summaries]}, indent=2) + "\n")
+    return summaries
 
 
 class _Bar:
     """A rich progress bar showing loss, lr and samples/s (silent when disabled)."""
 
-    def __init__(self, enabled: bool, start: int, end: int) -> None:
+    def __init__(self, enabled: bool, start: int, end: int, label: str = "train") -> None:
         self.progress = None
         if not enabled:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
             TextColumn("{task.fields[sps]} samples/s"), TimeElapsedColumn(), TimeRemainingColumn(),
         )
         self.progress.start()
         self.task = self.progress.add_task("train", total=end, completed=start, loss="-", lr="-", sps="-")
 
-    def update(self, step: int, loss: float, lr: float, sps: float) -> None:
+    def update(self, step: int, losses: list[float], lr: float, sps: float) -> None:
+        """``losses``: one model's window mean, or a sweep's (shown as their range)."""
         if self.progress is not None:
-            self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{sps:.1f}")
+            text = f"{losses[0]:.4f}" if len(losses) == 1 else f"{min(losses):.4f}..{max(losses):.4f}"
+            self.progress.update(self.task, completed=step, loss=text, lr=f"{lr:.2e}", sps=f"{sps:.1f}")
 
     def note(self, text: str) -> None:
         if self.progress is not None:
