@@ -141,6 +141,9 @@ def inspect(store: Path = typer.Argument(..., help="A cache store written by `ev
     typer.echo(f"videos: {info.num_videos} total, {info.done} done, {info.failed} failed, {info.pending} pending")
     typer.echo(f"bytes on disk: {info.bytes_on_disk:,} ({info.bytes_on_disk / 2**20:.1f} MiB) in {info.files} files and "
                f"directories; raw tensor bytes of done videos: {raw:,}")
+    per_view = st.raw_bytes_per_view()
+    typer.echo(f"bytes per clip-view: {per_view:,} ({per_view / 1e6:.2f} MB; layout {attrs.get('layout', 'full')}, "
+               f"features {attrs.get('dtype')}, maps {attrs.get('attn_format', attrs.get('attention'))})")
     for idx, path, err in info.failures:
         typer.echo(f"  failed #{idx} {path}: {err}")
 

@@ -141,3 +141,16 @@ def test_prefix_layout_recomputes_what_the_full_layout_caches(stores, tmp_path, 
     (Path(prefix.path) / "tail_weights.safetensors").write_bytes(b"x")  # a prefix store without its tail is lost
     with pytest.raises(UserError, match="sha256"):
         open_store(str(prefix.path)).read(0, 0)
+
+
+def test_inspect_prints_bytes_per_clip_view(stores):
+    from typer.testing import CliRunner
+
+    from evl_cache.cli import app
+
+    for name in ("fp16", "int8"):
+        res = CliRunner().invoke(app, ["inspect", stores[name]])
+        assert res.exit_code == 0, res.output
+        per_view = open_store(stores[name]).raw_bytes_per_view()
+        assert f"bytes per clip-view: {per_view:,} (" in res.output
+    assert "bytes per clip-view: 12,688 (0.01 MB; layout full, features int8:channel_token, maps uint8)" in res.output
