@@ -319,12 +319,12 @@ def build_parts(dcfg: Any, t: TrainConfig, device: torch.device, amp: str, dist:
     With several ranks, torch's RNG is then reseeded per rank so each rank draws its own dropout
     masks (dropout therefore depends on the world size; see docs/distributed.md, "Dropout and RNG").
     """
-    from evl_cache.decoder import EVLDecoder
+    from evl_cache.heads import build_head
 
     torch.manual_seed(t.seed)
     np.random.seed(t.seed % 2**32)
     random.seed(t.seed)
-    model = EVLDecoder(dcfg).to(device)
+    model = build_head(dcfg).to(device)
     net: torch.nn.Module = model
     if dist.active:
         from torch.nn.parallel import DistributedDataParallel
