@@ -277,6 +277,10 @@ def test_xclip_text_side_is_the_frozen_towers_class_embeddings(stores, tmp_path)
     torch.testing.assert_close(model.text_emb, want, rtol=1e-4, atol=1e-5)
     assert float(model.logit_scale) == pytest.approx(LOGIT_SCALE, rel=1e-5)
     assert model.cfg.templates == ["{}"] and model.cfg.text["weights_id"]
+    from evl_cache.evaluate import evaluate
+
+    with pytest.raises(UserError, match=r"no per-frame embeddings \(emb\), which the xclip head reads"):
+        evaluate(summary.checkpoint, stores["no_emb"])  # same blocks and maps, no emb: eval refuses it too
 
 
 def test_predict_runs_every_non_evl_head_online_as_from_the_cache(stores, tmp_path):
