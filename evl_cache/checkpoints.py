@@ -1,8 +1,9 @@
 """Decoder checkpoints: our own format, and import of released EVL checkpoints.
 
 Own format, two files side by side, no pickle anywhere:
-  <name>.safetensors  the EVLDecoder state dict (decoder + head)
-  <name>.json         {"format", "format_version", "decoder": DecoderConfig, "weights_sha256",
+  <name>.safetensors  the head's state dict (EVL: decoder + classifier; see evl_cache.heads)
+  <name>.json         {"format", "format_version", "decoder": the head's config ("head" names a
+                       head other than EVL's DecoderConfig), "weights_sha256",
                        "meta": {backbone spec, blocks, frames, sampling, class_names, ...}}
 Both are written to temporary names first and renamed into place, so a crash never leaves a
 half-written checkpoint that looks valid; the json pins the weights' sha256 to catch mix-ups.
@@ -48,7 +49,7 @@ def _umask() -> int:
     return mask
 
 
-def save_checkpoint(path: str | os.PathLike, model: EVLDecoder, meta: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, meta: dict[str, Any] | None = None) -> Path:
     """Write weights + config atomically; returns the json path. `meta` must be JSON-serialisable."""
     from safetensors.torch import save_file
 
@@ -106,20 +107,23 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
                         f"{FORMAT_VERSION}; use a matching evl-cache version")
     if not isinstance(doc.get("decoder"), dict):
         raise UserError(f"checkpoint {config} has no 'decoder' config; re-save the checkpoint")
-    doc["decoder"] = DecoderConfig.from_dict(doc["decoder"])
+    from evl_cache.heads import head_config_from_dict
+
+    doc["decoder"] = head_config_from_dict(doc["decoder"])  # the head's config (no "head" key: EVL)
     return doc
 
 
 def load_checkpoint(
     path: str | os.PathLike, expected_classes: int | None = None, device: str | torch.device = "cpu"
-) -> tuple[EVLDecoder, dict[str, Any]]:
-    """(EVLDecoder in eval mode, meta) from a checkpoint; safetensors + json only, never unpickles."""
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(the head in eval mode, meta) from a checkpoint; safetensors + json only, never unpickles.
+    The json's ``decoder`` entry names the head (evl_cache.heads; none: the EVL decoder)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     weights, config = checkpoint_paths(path)
     doc = read_checkpoint_config(config)
-    cfg: DecoderConfig = doc["decoder"]
+    cfg = doc["decoder"]
     if expected_classes is not None and cfg.num_classes != expected_classes:
         raise UserError(f"checkpoint {config} has a {cfg.num_classes}-class head but {expected_classes} classes "
                         f"are expected here; use a checkpoint trained on this label set")
@@ -133,7 +137,9 @@ def load_checkpoint(
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"checkpoint weights {weights} are unreadable ({err}); restore or re-save the checkpoint") from err
-    model = EVLDecoder(cfg)
+    from evl_cache.heads import build_head
+
+    model = build_head(cfg, fresh=False)  # every tensor, derived ones included, comes from the file
     check_state_dict(model, state, str(weights))
     model.load_state_dict(state)
     meta = doc.get("meta") or {}
@@ -144,7 +150,7 @@ def load_checkpoint(
     return model.to(device).eval(), meta
 
 
-def check_state_dict(model: EVLDecoder, state: dict[str, torch.Tensor], where: str) -> None:
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Name the first missing, unexpected or mis-shaped tensor, with the config it contradicts."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]

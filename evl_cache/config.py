@@ -19,6 +19,7 @@ from evl_cache.errors import UserError
 from evl_cache.store import comparable_attr
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+HEADS = ("evl", "xclip", "attentive_probe", "linear")  # evl_cache.heads registers one spec for each
 # Sections of a recipe YAML that belong to other stages (e.g. `extract` for `evl-cache extract`).
 OTHER_SECTIONS = {"extract", "eval", "pipeline", "name", "description"}
 # The section listing the decoder configurations `evl-cache train` trains in one pass (evl_cache/sweep.py).
@@ -42,6 +43,15 @@ class ModelConfig:
     temporal_conv: bool = True
     temporal_pos: bool = True
     temporal_cross_attention: bool = True
+    # Which head trains (docs/heads.md): evl (default, None) | xclip | attentive_probe | linear.
+    # The options below belong to one head each; None keeps that head's default (and old runs resumable).
+    head: str | None = None
+    mit_layers: int | None = None  # xclip: MIT blocks (X-CLIP's default 1)
+    prompt_layers: int | None = None  # xclip: prompt-generator layers (X-CLIP's default 2)
+    prompt_alpha: float | None = None  # xclip: initial prompt scale alpha (X-CLIP's default 0.1)
+    text_templates: str | None = None  # xclip: template set name or file (default "xclip": the bare class name)
+    text_weights: str | None = None  # xclip: CLIP weights for the text tower (default: the store's recorded weights)
+    linear_norm: bool | None = None  # linear: L2-normalise frame and video embeddings (default true)
 
 
 @dataclass
@@ -139,6 +149,8 @@ class RunConfig:
             elif mult != 1.0 and not t.init_from:
                 problems.append(f"train.{name}={mult} scales the weights loaded by train.init_from, which is not set; "
                                 f"set train.init_from (--init-from) or drop train.{name}")
+        if self.model.head is not None and self.model.head not in HEADS:
+            problems.append(f"model.head={self.model.head!r} must be one of {HEADS}")
         if self.data.num_workers < 0:
             problems.append("data.num_workers must be >= 0")
         if problems:
@@ -240,7 +252,29 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 
 
 def decoder_config_for_store(model: ModelConfig, attrs: dict[str, Any], where: str):
-    """The `DecoderConfig` a store implies, after checking every value the config restates."""
+    """The config of the head ``model.head`` (default the EVL decoder's `DecoderConfig`) a store
+    implies, after checking that the store holds the tensors the head reads and every value the
+    config restates; refused in one line before any batch is read (evl_cache.heads)."""
+    from evl_cache.heads import head_config_for_store
+
+    return head_config_for_store(model, attrs, where)
+
+
+def check_restated(model: ModelConfig, implied: dict[str, Any], where: str) -> None:
+    """Refuse a ``model.*`` shape value that disagrees with what the store implies."""
+    for key, value in implied.items():
+        stated = getattr(model, key, None)
+        if stated is not None and (list(stated) if key == "grid" else stated) != value:
+            raise UserError(
+                f"store {where} has {key}={value} but the config says model.{key}={stated}; "
+                f"remove model.{key} from the config or use a store extracted for it"
+            )
+    if implied.get("num_classes", 1) < 1:
+        raise UserError(f"store {where} lists no class names; extract it from a labelled manifest")
+
+
+def evl_decoder_config(model: ModelConfig, attrs: dict[str, Any], where: str):
+    """The EVL `DecoderConfig` a store implies (the store's block features are checked by the caller)."""
     from evl_cache.decoder import DecoderConfig
 
     implied = {
@@ -252,22 +286,17 @@ def decoder_config_for_store(model: ModelConfig, attrs: dict[str, Any], where: s
         "num_classes": len(attrs["class_names"]),
         "attention_input": attrs["attention"],
     }
-    for key, value in implied.items():
-        stated = getattr(model, key)
-        if stated is not None and (list(stated) if key == "grid" else stated) != value:
-            raise UserError(
-                f"store {where} has {key}={value} but the config says model.{key}={stated}; "
-                f"remove model.{key} from the config or use a store extracted for it"
-            )
-    if implied["num_classes"] < 1:
-        raise UserError(f"store {where} lists no class names; extract it from a labelled manifest")
+    check_restated(model, implied, where)
     if model.temporal_cross_attention and implied["attention_input"] == "none":
         raise UserError(
             f"store {where} has attention 'none' but temporal cross attention is on; "
             f"set model.temporal_cross_attention=false or extract with --attention maps"
         )
     # shape from the store, every other option (dropouts, module switches, ...) from the model section
-    options = {f.name: getattr(model, f.name) for f in fields(model) if f.name not in implied}
+    from evl_cache.heads import HEAD_OPTIONS
+
+    skip = set(implied) | set(HEAD_OPTIONS) | {"head"}
+    options = {f.name: getattr(model, f.name) for f in fields(model) if f.name not in skip}
     return DecoderConfig(**implied, **options)
 
 

@@ -165,6 +165,9 @@ def evaluate(checkpoint: str | os.PathLike, store: str, out_dir: str | os.PathLi
         model, meta = load_checkpoint(checkpoint, device=dev)
         st = open_store(store)
         check_store_fits(meta, st.attrs, model.cfg.num_classes, store)
+        from evl_cache.heads import check_store
+
+        check_store(model.cfg, st.attrs, store)  # the tensors this head reads
         counts = video_counts(st)
         require_complete(counts, store, allow_partial)
         if counts["done"] == 0:

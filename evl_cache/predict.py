@@ -71,8 +71,11 @@ class Predictor:
                             f"{recorded[:16]}; pass the matching --weights FILE (or --force to use these anyway)")
         spec = BackboneSpec(arch=bb["arch"], weights=source, seed=seed, quick_gelu=bool(bb.get("quick_gelu", True)),
                             precision=backbone_precision(bb, precision), trust_torchscript=trust_torchscript)
-        backbone_attention = meta["attention"] if self.model.cfg.temporal_cross_attention else "none"
-        self.backbone = build_backbone(spec, blocks=list(meta["blocks"]), attention=backbone_attention, device=self.device)
+        from evl_cache.heads import backbone_outputs
+
+        wants = backbone_outputs(self.model.cfg, meta)  # the blocks, attention and emb this head reads
+        self.backbone = build_backbone(spec, blocks=wants["blocks"], attention=wants["attention"], device=self.device,
+                                       emb=wants["emb"])
         self.precision = spec.precision
         if self.backbone.weights_id != recorded and not force:
             raise UserError(f"weights {source} have identity {self.backbone.weights_id[:16]} but the checkpoint was "

@@ -226,6 +226,8 @@ class Inputs:
 
 def open_inputs(cfg: RunConfig) -> Inputs:
     """Open and check the train (and val) store: shapes, pairing, completeness, labels."""
+    from evl_cache.heads import check_store
+
     if not cfg.data.train_store:
         raise UserError("no training store given; pass --train-store PATH (or data.train_store in the config)")
     store = open_store(cfg.data.train_store)
@@ -238,6 +240,7 @@ def open_inputs(cfg: RunConfig) -> Inputs:
     if cfg.data.val_store:
         val_store = open_store(cfg.data.val_store)
         check_store_pair(attrs, val_store.attrs, cfg.data.val_store)
+        check_store(dcfg, val_store.attrs, cfg.data.val_store)  # the val store must hold what the head reads
         counts["val"] = video_counts(val_store)
         require_complete(counts["val"], cfg.data.val_store, cfg.data.allow_partial, partial_flag)
         val_attrs = val_store.attrs
@@ -330,12 +333,12 @@ def build_parts(dcfg: Any, t: TrainConfig, device: torch.device, amp: str, dist:
     With several ranks, torch's RNG is then reseeded per rank so each rank draws its own dropout
     masks (dropout therefore depends on the world size; see docs/distributed.md, "Dropout and RNG").
     """
-    from evl_cache.decoder import EVLDecoder
+    from evl_cache.heads import build_head
 
     torch.manual_seed(t.seed)
     np.random.seed(t.seed % 2**32)
     random.seed(t.seed)
-    model = EVLDecoder(dcfg)
+    model = build_head(dcfg)
     init = load_matching(model, t.init_from) if t.init_from else None
     model = model.to(device)
     net: torch.nn.Module = model
