@@ -275,7 +275,12 @@ def test_format_recipe_selects_each_format_at_extraction():
     base = plans[BASELINE].key()
     for name, plan in plans.items():
         diff = {k for k, v in plan.key().items() if base[k] != v}
-        assert diff <= {"dtype", "attn_dtype", "attn_topk"} and (diff or name == BASELINE), name
+        assert diff <= {"dtype", "attn_dtype", "attn_topk", "layout"} and (diff or name == BASELINE), name
+    assert plans["prefix8"].layout == "prefix" and plans["prefix8"].dtype == "float8_e4m3"
+    # the V rows share one 8-view prefix store and train on its first V views
+    views = [f for f in FORMATS if f.name.startswith("views")]
+    assert [f.use_views for f in views] == [1, 2, 4, 8] and {f.cache for f in views} == {"views8"}
+    assert {format_recipe(recipe, f)["pipeline"]["train_views"] for f in views} == {"train:8"}
     assert recipe["extract"]["dtype"] == "float16"  # the recipe itself is not modified
     assert [f.name for f in select_formats("top8,int8")] == [BASELINE, "int8", "top8"]
     with pytest.raises(UserError, match="unknown format.*int4"):
