@@ -80,8 +80,8 @@ FORMATS = (
 BASELINE = "float16"
 # Run order (the table keeps FORMATS order): the baseline, then the compact combination and the
 # feature formats, so an interrupted run has the most telling cells first; float32 last.
-RUN_ORDER = ("float16", "int8_u8maps", "prefix8", "views1", "views2", "views4", "views8", "int8", "fp8", "top8",
-             "prefix16", "u8maps", "top16", "float32")
+RUN_ORDER = ("float16", "int8_u8maps", "prefix8", "fp8", "int8", "views1", "views2", "views4", "views8", "top8",
+             "u8maps", "prefix16", "top16", "float32")
 
 # --smoke: the same recipe at toy size (every class, 2 train + 1 val videos each, a few steps):
 # it tests the recipe end to end, its accuracies mean nothing.
