@@ -12,9 +12,11 @@ equals ``str(key)``, the ACTION runs:
   Ray worker (the parent is not a raylet) it raises `InjectedFault` instead of killing a stranger.
 
 ``MATCH`` may also be ``#N``: the N-th call of ``POINT`` under this process's parent, counted in
-a file in ``EVL_CACHE_FAULT_DIR`` (default: the temp dir). For Ray workers the parent is the
-node's raylet, so ``decode@#3=kill-raylet`` in one node's environment kills that node during its
-third decode, whichever worker process runs it.
+a file in the folder ``EVL_CACHE_FAULT_DIR`` (default: the temp dir). While that folder does not
+exist the rule is off and nothing is counted, so a test can arm a fault in processes that are
+already running (a Ray node started earlier) by creating the folder. For Ray workers the parent
+is the node's raylet, so ``decode@#3=kill-raylet`` in one node's environment kills that node
+during its third decode after arming, whichever worker process runs it.
 
 Named points (where they sit is documented in docs/design.md, "Faults"):
 ``decode`` (key: the video's manifest key, inside the decode work), ``after_shard_write`` (key: the
@@ -50,10 +52,13 @@ def _rules() -> list[tuple[str, str | None, str]]:
 
 
 def _nth_call(point: str) -> int:
-    """Count this call of ``point`` under the parent process (a Ray node's raylet) and return the count.
+    """Count this call of ``point`` under the parent process (a Ray node's raylet) and return the
+    count, or 0 while the counting folder does not exist (the rule is not armed).
 
     One byte appended per call (O_APPEND, so concurrent workers never lose a count)."""
     folder = os.environ.get("EVL_CACHE_FAULT_DIR") or tempfile.gettempdir()
+    if not os.path.isdir(folder):
+        return 0
     path = os.path.join(folder, f"evl_cache_fault.{os.getppid()}.{point}")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:

@@ -3,8 +3,9 @@
 The head is `ray start --head`; the second node is `ray start --address` with its own CPU and a
 `node2` resource. Both are real raylets with their own object stores and workers. One test: a clean
 run puts decode tasks and backbone actors on both nodes and writes the same bytes as a single-node
-run; then a second node whose environment carries `decode@#3=kill-raylet` loses its raylet during
-its third decode, its work goes to the head, and the store is still byte-identical.
+run; then the second node's fault, `decode@#3=kill-raylet` in its environment only, is armed (its
+counting folder created), it loses its raylet during its third decode, its work goes to the head,
+and the store is still byte-identical.
 """
 
 from __future__ import annotations
@@ -120,10 +121,11 @@ def test_two_node_cluster_extracts_on_both_nodes_and_survives_losing_one(tmp_pat
     port = _free_port()
     before = _listening()
     nodes: list[Node] = []
+    faults = tmp_path / "faults"  # created (arming the fault) only for the second run
     try:
         nodes.append(start_head(ray_tmp, port))
-        node2 = start_node2(ray_tmp, port, "n2")
-        nodes.append(node2)
+        nodes.append(start_node2(ray_tmp, port, "n2", EVL_CACHE_FAULT="decode@#3=kill-raylet",
+                                 EVL_CACHE_FAULT_DIR=str(faults)))
         exposed = [(a, p) for a, p in _listening() - before if a not in ("127.0.0.1", "::1")]
         assert not exposed, f"the cluster listens beyond loopback: {exposed}"
 
@@ -142,13 +144,8 @@ def test_two_node_cluster_extracts_on_both_nodes_and_survives_losing_one(tmp_pat
         assert tree_bytes(both) == tree_bytes(ref)
         print(f"\nsingle node {single_s:.1f} s; two nodes {both_s:.1f} s: {per_node}", flush=True)
 
-        # 2. the second node's raylet is killed during its third decode
-        node2.stop()
-        nodes.remove(node2)
-        faults = tmp_path / "faults"
+        # 2. armed: the second node's raylet is killed during its third decode from now on
         faults.mkdir()
-        node2 = start_node2(ray_tmp, port, "n3", EVL_CACHE_FAULT="decode@#3=kill-raylet", EVL_CACHE_FAULT_DIR=str(faults))
-        nodes.append(node2)
         started = time.monotonic()
         lost = tmp_path / "lost.zarr"
         out = subprocess.run(extract_args(root, csv_path, lost, "--ray-address", f"127.0.0.1:{port}"), env=_env(),
@@ -189,3 +186,15 @@ def test_kill_raylet_outside_a_ray_worker_raises_instead_of_killing(monkeypatch)
     monkeypatch.setenv("EVL_CACHE_FAULT", "decode=kill-raylet")
     with pytest.raises(InjectedFault, match="outside a Ray worker"):
         fault_point("decode", "a.mp4")
+
+
+def test_nth_call_fault_is_off_until_its_folder_exists(tmp_path, monkeypatch):
+    from evl_cache.faults import InjectedFault, fault_point
+
+    armed = tmp_path / "armed"
+    monkeypatch.setenv("EVL_CACHE_FAULT", "decode@#1=raise")
+    monkeypatch.setenv("EVL_CACHE_FAULT_DIR", str(armed))
+    fault_point("decode", "a.mp4")  # not armed: no count, no fault
+    armed.mkdir()
+    with pytest.raises(InjectedFault):
+        fault_point("decode", "b.mp4")
