@@ -269,8 +269,9 @@ class BackboneRunner:
     def compute_on_node(self, batch_size: int, *decoded: tuple[PackedViews | None, dict[str, Any]]
                         ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
         """`compute` for the Ray driver: each record also names the node whose actor embedded it."""
-        out, records = self.compute(batch_size, *decoded)
         node = ray_node_id()
+        fault_point("embed", node)
+        out, records = self.compute(batch_size, *decoded)
         return out, [{**rec, "embed_node": node} for rec in records]
 
 
@@ -558,16 +559,22 @@ class ShardRun:
     def node_lost(self, ray: Any, err: Exception) -> bool:
         """Whether ``err`` comes from lost machinery: a node of the run is dead, or the error is one of
         Ray's node/actor/object-loss errors (seen before the cluster has marked the node dead)."""
-        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-        for node in sorted(self.start_nodes - alive):
-            label = self.node_labels.get(node, node[:8])
-            if label not in self.lost_nodes:
-                self.lost_nodes.append(label)
+        dead = self.note_lost_nodes(ray)
         names = {cls.__name__ for cls in type(err).__mro__}
         cause = getattr(err, "cause", None)
         if cause is not None:
             names |= {cls.__name__ for cls in type(cause).__mro__}
-        return bool(self.start_nodes - alive) or bool(names & set(NODE_LOSS_ERRORS))
+        return bool(dead) or bool(names & set(NODE_LOSS_ERRORS))
+
+    def note_lost_nodes(self, ray: Any) -> set[str]:
+        """Record (for the summary) the nodes of the run that the cluster now reports dead."""
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        dead = self.start_nodes - alive
+        for node in sorted(dead):
+            label = self.node_labels.get(node, node[:8])
+            if label not in self.lost_nodes:
+                self.lost_nodes.append(label)
+        return dead
 
     def replace_dead_runners(self, ray: Any) -> None:
         """Swap backbone actors that are dead for good (restarts used up) for fresh ones on live nodes."""
@@ -620,6 +627,7 @@ class ShardRun:
                     if time.monotonic() - flushed > FLUSH_SECONDS:
                         self.table.flush()
                         flushed = time.monotonic()
+            self.note_lost_nodes(ray)  # also those whose work Ray's own retries redid
         self.table.flush()
         if self.requeued:
             remove_partial_files(self.store.path)  # temp files of writers killed with their node

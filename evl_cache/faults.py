@@ -15,15 +15,16 @@ equals ``str(key)``, the ACTION runs:
 a file in the folder ``EVL_CACHE_FAULT_DIR`` (default: the temp dir). While that folder does not
 exist the rule is off and nothing is counted, so a test can arm a fault in processes that are
 already running (a Ray node started earlier) by creating the folder. For Ray workers the parent
-is the node's raylet, so ``decode@#3=kill-raylet`` in one node's environment kills that node
-during its third decode after arming, whichever worker process runs it.
+is the node's raylet, so ``embed@#2=kill-raylet`` in one node's environment kills that node when
+its backbone actor starts its second batch after arming.
 
 Named points (where they sit is documented in docs/design.md, "Faults"):
 ``decode`` (key: the video's manifest key, inside the decode work), ``after_shard_write`` (key: the
 shard index, in the driver after a shard's files are durable and before its videos are marked),
 ``mark_before_status`` (key: the shard index, in the table flush after the error/metadata columns
 and before the status column), ``shard_write`` (key: the shard index, in the writer before any
-file of the shard is written). The variable is read at each call, so Ray workers started with the
+file of the shard is written), ``embed`` (key: the Ray node id, in a backbone actor before each
+batch). The variable is read at each call, so Ray workers started with the
 driver's environment see it too.
 """
 

@@ -3,8 +3,8 @@
 The head is `ray start --head`; the second node is `ray start --address` with its own CPU and a
 `node2` resource. Both are real raylets with their own object stores and workers. One test: a clean
 run puts decode tasks and backbone actors on both nodes and writes the same bytes as a single-node
-run; then the second node's fault, `decode@#3=kill-raylet` in its environment only, is armed (its
-counting folder created), it loses its raylet during its third decode, its work goes to the head,
+run; then the second node's fault, `embed@#2=kill-raylet` in its environment only, is armed (its
+counting folder created), it loses its raylet during its actor's second batch, its work goes to the head,
 and the store is still byte-identical.
 """
 
@@ -124,7 +124,7 @@ def test_two_node_cluster_extracts_on_both_nodes_and_survives_losing_one(tmp_pat
     faults = tmp_path / "faults"  # created (arming the fault) only for the second run
     try:
         nodes.append(start_head(ray_tmp, port))
-        nodes.append(start_node2(ray_tmp, port, "n2", EVL_CACHE_FAULT="decode@#3=kill-raylet",
+        nodes.append(start_node2(ray_tmp, port, "n2", EVL_CACHE_FAULT="embed@#2=kill-raylet",
                                  EVL_CACHE_FAULT_DIR=str(faults)))
         exposed = [(a, p) for a, p in _listening() - before if a not in ("127.0.0.1", "::1")]
         assert not exposed, f"the cluster listens beyond loopback: {exposed}"
@@ -144,7 +144,7 @@ def test_two_node_cluster_extracts_on_both_nodes_and_survives_losing_one(tmp_pat
         assert tree_bytes(both) == tree_bytes(ref)
         print(f"\nsingle node {single_s:.1f} s; two nodes {both_s:.1f} s: {per_node}", flush=True)
 
-        # 2. armed: the second node's raylet is killed during its third decode from now on
+        # 2. armed: the second node's raylet is killed when its actor starts its second batch from now on
         faults.mkdir()
         started = time.monotonic()
         lost = tmp_path / "lost.zarr"
@@ -155,7 +155,7 @@ def test_two_node_cluster_extracts_on_both_nodes_and_survives_losing_one(tmp_pat
         assert "12/12 done, 0 failed" in out.stdout, out.stdout
         assert "nodes lost during the run: " in out.stdout, out.stdout  # the fault fired
         counted = [p for p in faults.iterdir()]
-        assert counted and all(p.stat().st_size == 3 for p in counted)  # exactly three decodes started there
+        assert counted and all(p.stat().st_size == 2 for p in counted)  # two batches started there, then the kill
         assert tree_bytes(lost) == tree_bytes(ref)
         print(f"node lost {lost_s:.1f} s:\n" + "\n".join(ln for ln in out.stdout.splitlines() if "node" in ln))
     finally:
