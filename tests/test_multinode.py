@@ -111,12 +111,13 @@ def videos_per_node(stdout: str) -> dict[str, tuple[int, int]]:
 def test_two_node_cluster_extracts_on_both_nodes_and_survives_losing_one(tmp_path):
     root = tmp_path / "data"
     csv_path = make_dataset(root, n_good=12)
-    ray_tmp = Path(f"/tmp/evlmn-{os.getpid()}")  # Unix socket paths must stay short
-    ray_tmp.mkdir(exist_ok=True)
     ref = tmp_path / "ref.zarr"
     started = time.monotonic()
-    subprocess.run(extract_args(root, csv_path, ref, "--num-cpus", "2"), check=True, env=_env(), capture_output=True)
+    out = subprocess.run(extract_args(root, csv_path, ref, "--num-cpus", "2"), env=_env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
     single_s = time.monotonic() - started
+    ray_tmp = Path(f"/tmp/evlmn-{os.getpid()}")  # Unix socket paths must stay short
+    ray_tmp.mkdir(exist_ok=True)
 
     port = _free_port()
     before = _listening()
