@@ -47,6 +47,12 @@ from evl_cache.video import PackedViews, Sampling, VideoError, ViewSet, decode_v
 RESUME_KEYS = ("backbone", "blocks", "frames", "sampling", "views", "num_views", "attention", "dtype", "attn_format", "layout",
                "class_names", "manifest_sha256", "min_frames", "compressor", "emb")
 FLUSH_SECONDS = 5.0  # the driver writes its marks at most this often (and at the end)
+NODE_LOSS_REQUEUES = 3  # times one shard is redone because a node (or its actor, or its objects) was lost
+# Ray errors that mean lost machinery (a node, an actor, an object), not a bad video: the shard is redone.
+NODE_LOSS_ERRORS = ("NodeDiedError", "ActorDiedError", "ActorUnavailableError", "ObjectLostError",
+                    "ObjectFetchTimedOutError", "OwnerDiedError", "ReferenceCountingAssertionError",
+                    "ObjectReconstructionFailedError", "ObjectReconstructionFailedMaxAttemptsExceededError",
+                    "ObjectReconstructionFailedLineageEvictedError", "RaySystemError")
 
 
 @dataclass
@@ -135,6 +141,9 @@ class ExtractSummary:
     files: int = 0
     pending: int = 0
     damaged: list[str] = field(default_factory=list)
+    nodes: dict[str, dict[str, int]] = field(default_factory=dict)  # node label -> {"decoded": n, "embedded": n}
+    lost_nodes: list[str] = field(default_factory=list)
+    requeued: int = 0  # shards redone because a node died under them
 
     def lines(self) -> list[str]:
         out = [
@@ -149,6 +158,11 @@ class ExtractSummary:
         if len(self.failures) > 50:
             out.append(f"  ... and {len(self.failures) - 50} more (see `evl-cache inspect`)")
         out += [f"  not written: {msg}" for msg in self.damaged]
+        if len(self.nodes) > 1 or self.lost_nodes:
+            out.append("videos per node: " + "; ".join(f"{label}: decoded {n.get('decoded', 0)}, embedded {n.get('embedded', 0)}"
+                                                       for label, n in sorted(self.nodes.items())))
+        if self.lost_nodes:
+            out.append(f"nodes lost during the run: {', '.join(self.lost_nodes)}; {self.requeued} shard(s) redone on the others")
         return out
 
 
@@ -187,6 +201,23 @@ def decode_video(path: str, key: str, sampling: Sampling, views: ViewSet, size: 
     if not result:
         return None, {"status": FAILED, "error": f"decode timed out after {timeout:g} s (--decode-timeout)"}
     return result[0]
+
+
+def ray_node_id() -> str:
+    """The Ray node this process runs on ("" outside a Ray worker): tags who did each video's work."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return ""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+def decode_on_node(*args: Any) -> tuple[PackedViews | None, dict[str, Any]]:
+    """`decode_video` as a Ray task: the record also names the node that decoded (not stored)."""
+    packed, meta = decode_video(*args)
+    return packed, {**meta, "decode_node": ray_node_id()}
 
 
 class BackboneRunner:
@@ -239,6 +270,14 @@ class BackboneRunner:
                 for (j, v), value in zip(chunk, values):
                     out[name][j, v] = value
         return out, [meta for _, meta in decoded]
+
+    def compute_on_node(self, batch_size: int, *decoded: tuple[PackedViews | None, dict[str, Any]]
+                        ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+        """`compute` for the Ray driver: each record also names the node whose actor embedded it."""
+        node = ray_node_id()
+        fault_point("embed", node)
+        out, records = self.compute(batch_size, *decoded)
+        return out, [{**rec, "embed_node": node} for rec in records]
 
 
 def write_batches(store_path: str, shard: int, videos: list[int], keep: list[int],
@@ -412,6 +451,7 @@ def extract(manifest: Any, store_path: str, cfg: ExtractConfig) -> ExtractSummar
         bytes_on_disk=info.bytes_on_disk, failures=info.failures, first_shard_s=first_shard_s,
         steady_clip_views_per_s=((run.processed - run.first_count) * store.num_views / steady_s) if steady_s > 0 else 0.0,
         files=info.files, pending=info.pending, damaged=run.damaged,
+        nodes=run.per_node, lost_nodes=run.lost_nodes, requeued=run.requeued,
     )
 
 
@@ -434,6 +474,12 @@ class ShardRun:
         self.damaged: list[str] = []
         self.runners: list[Any] = []
         self.turn = 0
+        self.node_labels: dict[str, str] = {}  # Ray node id -> "ip id8 (head)", for the summary
+        self.start_nodes: set[str] = set()
+        self.per_node: dict[str, dict[str, int]] = {}
+        self.lost_nodes: list[str] = []
+        self.requeues: dict[int, int] = {}
+        self.requeued = 0
 
     # -- steps --------------------------------------------------------------------------------
     def start_workers(self, ray: Any) -> None:
@@ -442,22 +488,39 @@ class ShardRun:
         if cpus < 1:
             raise UserError(f"the Ray cluster offers {cpus:g} CPUs; decoding needs at least 1: "
                             "raise --num-cpus or add a node with CPUs")
-        self.decode_task = ray.remote(num_cpus=1, max_retries=1)(decode_video)
+        self.decode_task = ray.remote(num_cpus=1, max_retries=1)(decode_on_node)
         self.writer_task = ray.remote(num_cpus=0, max_retries=2)(write_batches)
         spec, cfg = self.cfg.backbone.to_dict(), self.cfg
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        for n in nodes:
+            head = " (head)" if "node:__internal_head__" in n.get("Resources", {}) else ""
+            self.node_labels[n["NodeID"]] = f"{n.get('NodeManagerAddress', '?')} {n['NodeID'][:8]}{head}"
+        self.start_nodes = set(self.node_labels)
+        cpu_nodes = [n for n in nodes if n.get("Resources", {}).get("CPU", 0) >= 1]
         # Actors hold no CPU (num_cpus=0): a CPU reserved for an actor's whole life is one that decode
         # tasks can never get, which hung a run whenever the cluster had no more CPUs than actors.
         if gpus:
             actor = ray.remote(num_gpus=1, num_cpus=0, max_restarts=2, max_task_retries=2)(BackboneRunner)
             self.runners = [actor.remote(spec, self.blocks, cfg.attention, self.attrs["dtype"], 4, None,
-                                         self.attrs["attn_format"], self.attrs["layout"], bool(self.attrs.get("emb")))
-                            for _ in range(gpus)]
-        else:
+                                         self.attrs["attn_format"], self.attrs["layout"], bool(self.attrs.get("emb"))) for _ in range(gpus)]
+        elif len(cpu_nodes) <= 1:
             # One CPU actor whose threads may use every core: decode tasks time-share with it, which is
             # what gets a 2-core machine close to the serial bound 1/(1/decode + 1/backbone).
             actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)(BackboneRunner)
             self.runners = [actor.remote(spec, self.blocks, cfg.attention, self.attrs["dtype"], max(1, int(cpus)), "cpu",
                                          self.attrs["attn_format"], self.attrs["layout"], bool(self.attrs.get("emb")))]
+        else:
+            # A CPU cluster: one actor per node, using that node's cores. The placement is soft, so an
+            # actor whose node dies is restarted on a surviving node (max_restarts) and its calls rerun.
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)(BackboneRunner)
+            self.runners = [
+                actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=True)).remote(
+                    spec, self.blocks, cfg.attention, self.attrs["dtype"], max(1, int(n["Resources"]["CPU"])), "cpu",
+                    self.attrs["attn_format"], self.attrs["layout"], bool(self.attrs.get("emb")))
+                for n in cpu_nodes]
+        self.actor_class = actor
 
     def submit(self, shard: int, videos: list[int]) -> tuple[Any, list[Any], list[Any]]:
         """Queue one shard: decode tasks, backbone batches (round-robin over actors), the writer."""
@@ -478,7 +541,7 @@ class ShardRun:
         for start in range(0, len(decodes), per_batch):
             runner = self.runners[self.turn % len(self.runners)]
             self.turn += 1
-            batches.append(runner.compute.remote(cfg.batch_size, *decodes[start:start + per_batch]))
+            batches.append(runner.compute_on_node.remote(cfg.batch_size, *decodes[start:start + per_batch]))
         lo = shard * store.shard_size
         keep = [i for i in range(lo, min(lo + store.shard_size, store.num_videos)) if self.status[i] == DONE]
         writer = self.writer_task.remote(store.path, shard, videos, keep, *batches)
@@ -493,6 +556,13 @@ class ShardRun:
             if isinstance(cause, StoreDataError):
                 self.damaged.append(data_error_hint(self.store.path, f"shard {shard}: {cause}"))
                 return True
+            if self.node_lost(ray, err) and self.requeues.get(shard, 0) < NODE_LOSS_REQUEUES:
+                # Work lost with a node is redone whole (the writer replaces any file it half wrote);
+                # it never counts against the shard's videos.
+                self.requeues[shard] = self.requeues.get(shard, 0) + 1
+                self.requeued += 1
+                self.replace_dead_runners(ray)
+                return False
             crashed = _crashed_decodes(ray, videos, decodes)
             if not crashed:
                 raise RuntimeError(f"shard {shard} failed outside decoding: {err}") from err
@@ -502,10 +572,48 @@ class ShardRun:
         self.table.mark(records, shard)
         for i, rec in records.items():
             self.status[i] = rec["status"]
+            if rec["status"] == DONE:
+                for role, key in (("decoded", "decode_node"), ("embedded", "embed_node")):
+                    label = self.node_labels.get(rec.get(key, ""), rec.get(key) or "?")
+                    counts = self.per_node.setdefault(label, {"decoded": 0, "embedded": 0})
+                    counts[role] += 1
         self.processed += len(records)
         if not self.first_at:
             self.first_at, self.first_count = time.time(), len(records)
         return True
+
+    def node_lost(self, ray: Any, err: Exception) -> bool:
+        """Whether ``err`` comes from lost machinery: a node of the run is dead, or the error is one of
+        Ray's node/actor/object-loss errors (seen before the cluster has marked the node dead)."""
+        dead = self.note_lost_nodes(ray)
+        names = {cls.__name__ for cls in type(err).__mro__}
+        cause = getattr(err, "cause", None)
+        if cause is not None:
+            names |= {cls.__name__ for cls in type(cause).__mro__}
+        return bool(dead) or bool(names & set(NODE_LOSS_ERRORS))
+
+    def note_lost_nodes(self, ray: Any) -> set[str]:
+        """Record (for the summary) the nodes of the run that the cluster now reports dead."""
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        dead = self.start_nodes - alive
+        for node in sorted(dead):
+            label = self.node_labels.get(node, node[:8])
+            if label not in self.lost_nodes:
+                self.lost_nodes.append(label)
+        return dead
+
+    def replace_dead_runners(self, ray: Any) -> None:
+        """Swap backbone actors that are dead for good (restarts used up) for fresh ones on live nodes."""
+        for k, runner in enumerate(self.runners):
+            try:
+                ray.get(runner.__ray_ready__.remote(), timeout=120)
+            except ray.exceptions.RayError:
+                gpu = bool(ray.cluster_resources().get("GPU", 0))
+                threads = 4 if gpu else max(1, int(ray.available_resources().get("CPU", 1)))
+                self.runners[k] = self.actor_class.remote(self.cfg.backbone.to_dict(), self.blocks, self.cfg.attention,
+                                                          self.attrs["dtype"], threads, None if gpu else "cpu",
+                                                          self.attrs["attn_format"], self.attrs["layout"],
+                                                          bool(self.attrs.get("emb")))
 
     def execute(self, shards: dict[int, list[int]]) -> None:
         if not shards:
@@ -546,7 +654,10 @@ class ShardRun:
                     if time.monotonic() - flushed > FLUSH_SECONDS:
                         self.table.flush()
                         flushed = time.monotonic()
+            self.note_lost_nodes(ray)  # also those whose work Ray's own retries redid
         self.table.flush()
+        if self.requeued:
+            remove_partial_files(self.store.path)  # temp files of writers killed with their node
 
 
 def _crashed_decodes(ray: Any, videos: list[int], decodes: list[Any]) -> dict[int, dict[str, Any]]:
