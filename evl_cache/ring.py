@@ -21,7 +21,8 @@ The contract (what the consumer may rely on):
   batch that failed, after every earlier batch was handed out) as the DataLoader over the same
   dataset and batch sampler.
 - Closing the iterator (``close()``, exhausting it, an error, or dropping the last reference) stops
-  and joins the producer thread.
+  and joins the producer thread. The slots belong to the `RingLoader` and the next iterator of the
+  same loader reuses them: batches of a finished pass are overwritten by the next pass.
 """
 
 from __future__ import annotations
@@ -52,6 +53,27 @@ class RingLoader:
         self.depth = int(depth)
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
         self.hook = hook  # test hook at the producer's named points ("fill", "wait")
+        self.slots: list[dict[str, torch.Tensor] | None] = [None] * (self.depth + 2)
+        self._lock = threading.Lock()
+        self._lent = False  # the slots are in use by a live iterator (a second one allocates its own)
+
+    def reserve(self) -> None:
+        """Allocate every slot now and touch its pages, so the first batches pay no page faults."""
+        for k in range(len(self.slots)):
+            for t in slot_tensors(self.slots, k, self.dataset.specs, self.batch_size, self.pin_memory).values():
+                t.zero_()
+
+    def _lend(self) -> list[dict[str, torch.Tensor] | None]:
+        with self._lock:
+            if self._lent:
+                return [None] * len(self.slots)
+            self._lent = True
+            return self.slots
+
+    def _give_back(self, slots: list[dict[str, torch.Tensor] | None]) -> None:
+        with self._lock:
+            if slots is self.slots:
+                self._lent = False
 
     def __len__(self) -> int:
         return len(self.batch_sampler)  # type: ignore[arg-type]
@@ -72,7 +94,8 @@ class _Ring:
         self.pin = loader.pin_memory
         self.hook = loader.hook
         self.batch_size = loader.batch_size
-        self.slots: list[dict[str, torch.Tensor] | None] = [None] * self.num_slots
+        self.loader = loader
+        self.slots = loader._lend()
         self.cond = threading.Condition()
         self.requested = 0  # next() calls so far
         self.ready: dict[int, dict[str, Any]] = {}
@@ -83,24 +106,32 @@ class _Ring:
         self.thread = threading.Thread(target=_produce, args=(self,), name="evl-ring", daemon=True)
 
     def slot(self, k: int) -> dict[str, torch.Tensor]:
-        """Slot ``k``'s tensors (allocated on first use: an eval stream shorter than the ring allocates less)."""
-        got = self.slots[k]
-        if got is None:
-            got = self.slots[k] = {}
-            for name, spec in self.dataset.specs.items():
-                shape = (self.batch_size, *spec.shape)
-                if self.pin:
-                    got[name] = torch.empty(shape, dtype=torch_dtype(spec.dtype), pin_memory=True)
-                else:  # numpy's large buffers are madvised to huge pages (fewer faults on the first fill)
-                    got[name] = torch.from_numpy(np.empty(shape, dtype=spec.dtype))
-        return got
+        return slot_tensors(self.slots, k, self.dataset.specs, self.batch_size, self.pin)
 
     def shutdown(self) -> None:
         with self.cond:
             self.stop = True
             self.cond.notify_all()
-        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+        if threading.current_thread() is self.thread:
+            return
+        if self.thread.is_alive():
             self.thread.join()
+        self.loader._give_back(self.slots)
+
+
+def slot_tensors(slots: list[dict[str, torch.Tensor] | None], k: int, specs: dict[str, Any], batch_size: int,
+                 pin: bool) -> dict[str, torch.Tensor]:
+    """Slot ``k``'s tensors, one (batch_size, *chunk shape) tensor per stored array, allocated on first
+    use (an eval stream shorter than the ring allocates less): pinned for CUDA, else numpy's memory,
+    whose large buffers are madvised to huge pages (torch's CPU allocator faults every 4 KiB page)."""
+    got = slots[k]
+    if got is None:
+        got = slots[k] = {}
+        for name, spec in specs.items():
+            shape = (batch_size, *spec.shape)
+            got[name] = torch.empty(shape, dtype=torch_dtype(spec.dtype), pin_memory=True) if pin \
+                else torch.from_numpy(np.empty(shape, dtype=spec.dtype))
+    return got
 
 
 def _produce(ring: _Ring) -> None:

@@ -133,3 +133,16 @@ def test_the_producer_thread_ends_on_close_exhaustion_and_garbage_collection(sto
 def test_ring_needs_no_workers(store):
     with pytest.raises(ValueError, match="num_workers=0"):
         make_loader(store, 4, train=True, num_workers=1, ring=True)
+
+
+def test_the_loader_keeps_its_slots_for_the_next_pass_unless_still_in_use(store):
+    loader = make_loader(store, 8, train=False)
+    loader.reserve()
+    ptr = loader.slots[0]["feats"].data_ptr()
+    first = [b["video"].clone() for b in loader]
+    assert loader.slots[0]["feats"].data_ptr() == ptr
+    a, b = iter(loader), iter(loader)  # two live passes: the second gets slots of its own
+    x, y = next(a), next(b)
+    assert x["feats"].data_ptr() == ptr != y["feats"].data_ptr() and same(x, y)
+    a.close(), b.close()
+    assert torch.equal(next(iter(loader))["video"], first[0])
