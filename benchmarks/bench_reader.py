@@ -26,8 +26,9 @@ each library is asked to read a chunk with one flipped payload byte (does it che
     .venv/bin/python benchmarks/bench_reader.py --suite batch --store DIR --keep --videos 384 --views 1 --formats fp16
 
 ``--suite batch`` (issue 9's target) times the batch reader (`evl_cache.store.read_batches`, pool
-sizes 1, 4, 8, 16) and the training DataLoader in training order against a plain sequential read of
-the same files, cold and warm, plus tensorstore with an index cache; it writes
+sizes 1, 4, 8, 16), the ring loader (`evl_cache.ring`, the 0-worker training path) and the
+DataLoader in training order against a plain sequential read of the same files, cold and warm, plus
+tensorstore with an index cache and a memcpy of the same bytes (the memory-bandwidth ceiling); it writes
 results/bench/reader_batch.{json,md,png} (the PNG: GB/s against the pool size).
 
 Prints markdown; writes results/bench/reader.json and results/bench/reader.png. The stores are
@@ -663,6 +664,7 @@ def main() -> None:
                          "sequential read, thread-pool sizes (writes reader_batch.{json,md,png})")
     ap.add_argument("--thread-sizes", type=int, nargs="+", default=list(THREAD_SIZES), help="batch suite: pool sizes")
     ap.add_argument("--batch", type=int, default=BATCH, help="batch suite: clip-views per batch")
+    ap.add_argument("--no-tensorstore", action="store_true", help="batch suite: skip the tensorstore row")
     args = ap.parse_args()
     if args.suite == "batch":
         batch_suite(args)
@@ -816,14 +818,50 @@ class BatchBench:
         return run
 
     def loader(self, threads: int, workers: int) -> Pass:
-        """`make_loader(train=True)`: the training path, batch tensors allocated per batch."""
+        """`make_loader(train=True, ring=False)`: the DataLoader, batch tensors allocated per batch."""
         def run() -> tuple[int, int]:
-            loader = make_loader(self.path, self.batch, train=True, num_workers=workers, read_threads=threads)
+            loader = make_loader(self.path, self.batch, train=True, num_workers=workers, read_threads=threads, ring=False)
             it = iter(loader)
             for _ in range(len(self.batches)):
                 next(it)
             del it
             return len(self.batches) * self.batch, self.read_bytes
+        return run
+
+    def ring(self, threads: int, depth: int = 2) -> Pass:
+        """The ring loader (`evl_cache.ring`, the 0-worker training path): the same epoch in the same
+        batches, read ``depth`` batches ahead by a background thread into ``depth + 2`` reused slots.
+        The slots are allocated and touched in setup (`RingLoader.reserve`): a training run pays that
+        once, not per epoch. The items are the epoch's, in training order, so the pass ends with it."""
+        items = [video * self.views + view for pairs in self.batches for video, view in pairs]
+        loader = make_loader(self.path, self.batch, train=False, items=items, read_threads=threads,
+                             prefetch_factor=depth)
+        loader.reserve()
+
+        def run() -> tuple[int, int]:
+            n = sum(1 for _ in loader)
+            assert n == len(self.batches)
+            return n * self.batch, self.read_bytes
+        return run
+
+    def memcpy(self, into_batch: bool) -> Pass:
+        """The memory-bandwidth ceiling, no file or kernel involved: the epoch's bytes (a source buffer
+        of the same size as the page-cache pages a warm pass reads, capped at 2 GB) copied into one
+        reused 8 MiB buffer, or into a reused batch-sized buffer, as the two sequential reads do."""
+        size = min(self.read_bytes, 2 << 30)
+        src = np.ones(size, dtype=np.uint8)
+        dest = np.empty(self.batch * self.per_view if into_batch else RAW_BUFFER, dtype=np.uint8)
+        dest.fill(0)
+
+        def run() -> tuple[int, int]:
+            total, pos = 0, 0
+            while total < self.read_bytes:
+                lo = total % size
+                n = min(RAW_BUFFER, size - lo, len(dest) - pos)
+                np.copyto(dest[pos:pos + n], src[lo:lo + n])
+                total += n
+                pos = (pos + n) % len(dest) if into_batch else 0
+            return total // self.per_view, total
         return run
 
     def tensorstore(self) -> Pass:
@@ -854,9 +892,11 @@ def check_batch_reader(bench: BatchBench) -> str:
             for n in bench.names}
     readers = [(ChunkReader.open(bench.path, n), np.empty_like(want[n])) for n in bench.names]
     read_batches(readers, pairs, 8)
-    got = next(iter(make_loader(bench.path, bench.batch, train=True)))
+    got = next(iter(make_loader(bench.path, bench.batch, train=True, ring=False)))
+    ring = next(iter(make_loader(bench.path, bench.batch, train=True)))
     for (_, out), n in zip(readers, bench.names):
-        if out.tobytes() != want[n].tobytes() or got[n].numpy().tobytes() != want[n].tobytes():
+        if out.tobytes() != want[n].tobytes() or got[n].numpy().tobytes() != want[n].tobytes() \
+                or ring[n].numpy().tobytes() != want[n].tobytes():
             raise AssertionError(f"batch reader differs from zarr on {n}")
     try:
         import tensorstore  # noqa: F401
@@ -906,13 +946,17 @@ def batch_suite(args: argparse.Namespace) -> None:
         for t in args.thread_sizes:
             todo.append(("batch_reader", f"batch reader, {t} threads", t, lambda t=t: bench.batch_reader(t)))
         for t in args.thread_sizes:
+            todo.append(("ring", f"ring loader (0 workers, depth 2), {t} threads", t, lambda t=t: bench.ring(t)))
+        for t in args.thread_sizes:
             todo.append(("loader0", f"DataLoader, 0 workers, {t} threads", t, lambda t=t: bench.loader(t, 0)))
         for w in args.workers:
             if w > 0:
                 todo.append((f"loader{w}", f"DataLoader, {w} workers, {args.threads} threads each", args.threads,
                              lambda w=w: bench.loader(args.threads, w)))
-        if report["check"] == "ok":
+        if report["check"] == "ok" and not args.no_tensorstore:
             todo.append(("tensorstore", "tensorstore, futures per batch, index cache", None, bench.tensorstore))
+        todo += [("memcpy", "memcpy of the same bytes into an 8 MiB buffer (no file)", None, lambda: bench.memcpy(False)),
+                 ("memcpy_batch", f"memcpy into a {bench.batch}-clip-view buffer (no file)", None, lambda: bench.memcpy(True))]
         for _ in range(args.repeats):
             for kind, label, threads, setup in todo:
                 run = setup()
@@ -974,14 +1018,15 @@ def plot_threads(report: dict[str, Any], best: dict[str, dict[str, Any]], path: 
 
     fig, ax = plt.subplots(figsize=(8, 5))
     seq = next(b for b in best.values() if b["kind"] == "sequential")
-    for kind, name, marker in (("batch_reader", "batch reader", "o"), ("loader0", "DataLoader, 0 workers", "s")):
+    for kind, name, marker in (("batch_reader", "batch reader", "o"), ("ring", "ring loader", "^"),
+                               ("loader0", "DataLoader, 0 workers", "s")):
         rows = sorted((b for b in best.values() if b["kind"] == kind), key=lambda b: b["threads"])
         if not rows:
             continue
         xs = [b["threads"] for b in rows]
         ax.plot(xs, [b["cold"]["gb_per_s"] for b in rows], marker=marker, color="C0", label=f"{name}, cold")
         ax.plot(xs, [b["warm"]["gb_per_s"] for b in rows], marker=marker, color="C1", label=f"{name}, warm",
-                ls="-" if kind == "batch_reader" else "--")
+                ls={"batch_reader": "-", "ring": "-."}.get(kind, "--"))
     for state, color in (("cold", "C0"), ("warm", "C1")):
         ax.axhline(seq[state]["gb_per_s"], color=color, ls=":", lw=1.5, label=f"sequential read, {state}")
         ax.axhline(0.8 * seq[state]["gb_per_s"], color=color, ls=":", lw=0.7, alpha=0.6)

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from evl_cache.formats import StoreFormats, torch_dtype
+from evl_cache.ring import RingLoader
 from evl_cache.store import (
     READ_THREADS,
     CacheStore,
@@ -79,31 +80,36 @@ class StoreDataset(Dataset):
         does; in the main process, in pinned memory when the loader pins on CUDA, else from numpy
         (whose large buffers get transparent huge pages: torch's CPU allocator pays one page fault
         per 4 KiB of a fresh batch)."""
-        store = self.store
-        pairs = [divmod(int(i), self.num_views) for i in items]
         in_worker = torch.utils.data.get_worker_info() is not None
-        out: dict[str, Any] = {}
-        targets = []
+        out: dict[str, torch.Tensor] = {}
         for name, spec in self.specs.items():
-            shape = (len(pairs), *spec.shape)
+            shape = (len(items), *spec.shape)
             if in_worker:  # allocate in shared memory up front: handing the batch over costs no copy
                 storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * spec.dtype.itemsize)
-                tensor = torch.empty(0, dtype=torch_dtype(spec.dtype)).set_(storage, 0, shape)
+                out[name] = torch.empty(0, dtype=torch_dtype(spec.dtype)).set_(storage, 0, shape)
             elif self.pin_memory:
-                tensor = torch.empty(shape, dtype=torch_dtype(spec.dtype), pin_memory=True)
+                out[name] = torch.empty(shape, dtype=torch_dtype(spec.dtype), pin_memory=True)
             else:
-                tensor = torch.from_numpy(np.empty(shape, dtype=spec.dtype))
-            out[name] = tensor
-            targets.append((store.reader(name), tensor.numpy()))
+                out[name] = torch.from_numpy(np.empty(shape, dtype=spec.dtype))
+        return self.read_into(items, out)
+
+    def read_into(self, items: list[int], out: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The batch of ``items`` read into the given tensors (one (len(items), *chunk shape) C-order
+        CPU tensor per stored array: fresh ones, or a `evl_cache.ring` slot), plus fresh ``label``
+        and ``video`` tensors and the store's formats (`to_device` decodes by them)."""
+        store = self.store
+        pairs = [divmod(int(i), self.num_views) for i in items]
+        targets = [(store.reader(name), out[name].numpy()) for name in self.specs]
         try:
             read_batches(targets, pairs, self.threads)
         except StoreDataError as err:
             raise StoreDataError(data_error_hint(self.path, str(err))) from None
+        batch: dict[str, Any] = dict(out)
         videos = torch.tensor([v for v, _ in pairs], dtype=torch.int64)
-        out["label"] = self.labels[videos]
-        out["video"] = videos
-        out["formats"] = self.formats  # the batch says how to decode itself (`to_device`)
-        return out
+        batch["label"] = self.labels[videos]
+        batch["video"] = videos
+        batch["formats"] = self.formats  # the batch says how to decode itself (`to_device`)
+        return batch
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -179,7 +185,8 @@ def eval_items(store: CacheStore) -> list[int]:
 def make_loader(path: str, batch_size: int, *, train: bool, seed: int = 0, start: int = 0,
                 num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False,
                 items: list[int] | None = None, rank: int = 0, world_size: int = 1,
-                block: int | None = None, views: int = 0, read_threads: int = READ_THREADS) -> DataLoader:
+                block: int | None = None, views: int = 0, read_threads: int = READ_THREADS,
+                ring: bool | None = None) -> DataLoader | RingLoader:
     """A DataLoader yielding batched decoder dicts (``feats``, ``attn`` | ``q``/``k``, ``label``, ``video``).
 
     ``train``: endless `EpochSampler` stream from global position ``start`` in full batches (in a
@@ -189,7 +196,16 @@ def make_loader(path: str, batch_size: int, *, train: bool, seed: int = 0, start
     gets its own generator so creating it never draws from the global torch RNG (exact resume). Each
     process that reads (the main one, or each worker) reads a batch with a pool of ``read_threads``
     threads; with ``pin_memory`` on CUDA and no workers, batches are read straight into pinned memory.
+
+    ``ring`` (default: when ``num_workers`` is 0) returns a `evl_cache.ring.RingLoader` instead: the
+    same batches, read by a background thread ``prefetch_factor`` batches ahead into ``prefetch_factor
+    + 2`` reused batch buffers. A batch's stored arrays are then valid only until ``next()`` is called
+    for the batch after the next one (``label`` and ``video`` are its own); see `evl_cache.ring`.
     """
+    if ring is None:
+        ring = num_workers == 0
+    if ring and num_workers:
+        raise ValueError("the ring loader reads in this process: use num_workers=0 with ring=True")
     dataset = StoreDataset(path, threads=read_threads, pin_memory=pin_memory and num_workers == 0)
     store = dataset.store
     if train:
@@ -198,6 +214,8 @@ def make_loader(path: str, batch_size: int, *, train: bool, seed: int = 0, start
         batches = BatchSampler(sampler, batch_size, drop_last=True)
     else:
         batches = BatchSampler(items if items is not None else eval_items(store), batch_size, drop_last=False)
+    if ring:
+        return RingLoader(dataset, batches, batch_size, depth=prefetch_factor, pin_memory=pin_memory)
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
         kwargs.update(prefetch_factor=prefetch_factor, worker_init_fn=_worker_init, persistent_workers=False)
