@@ -144,7 +144,7 @@ def test_inspect_verify_and_reads_from_s3_equal_local(s3, stores):
     assert out.split("bytes on disk:")[0] == local_out.split("bytes on disk:")[0]  # same attributes and arrays
     assert out.split("bytes on disk:")[1].split(" in ")[0] == local_out.split("bytes on disk:")[1].split(" in ")[0]
     code, out = cli("verify", stores["url"])
-    assert code == 0 and "7 done videos, 14 chunks" in out and "all intact" in out and SECRET not in out
+    assert code == 0 and "7 done videos, 28 chunks" in out and "all intact" in out and SECRET not in out
     remote, here = open_store(stores["url"]), open_store(stores["local"])
     pairs = [(6, 1), (0, 0), (1, 1), (0, 1), (3, 0), (2, 0)]  # across shards, adjacent ones coalesced
     for name in here.tensor_names():
