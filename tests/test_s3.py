@@ -93,7 +93,11 @@ def cli(*args: str) -> tuple[int, str]:
 
     from evl_cache.cli import app
 
+    from evl_cache.errors import UserError
+
     result = CliRunner().invoke(app, list(args))
+    if isinstance(result.exception, UserError):  # what `evl_cache.cli.main` turns into one line and exit 2
+        return 2, result.output + str(result.exception)
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.output
@@ -176,7 +180,7 @@ def test_train_and_eval_from_s3_equal_local(s3, stores, tmp_path):
 
     def cfg(store: str) -> RunConfig:
         return RunConfig.from_dict({
-            "train": {"steps": 3, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 3, "eval_every": 0, "log_every": 1, "seed": 0},
+            "train": {"steps": 3, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 3, "eval_every": 3, "log_every": 1, "seed": 0},
             "data": {"train_store": store, "num_workers": 0},
         })
 
