@@ -47,7 +47,8 @@ def _config_defaults(config: Path | None, section: str) -> dict:
 
 @app.command()
 def extract(
-    store: Path = typer.Option(..., help="Output Zarr v3 store (created, or resumed if it exists with the same config)."),
+    store: str = typer.Option(..., help="Output Zarr v3 store, a path or a URL such as s3://bucket/prefix (created, or "
+                                        "resumed if it exists with the same config)."),
     dataset: str = typer.Option(None, help="Manifest adapter: k400, k600, k700, ssv2, ucf101, hmdb51, list."),
     root: Path = typer.Option(None, help="Dataset root folder (video paths are relative to it)."),
     annotations: Path = typer.Option(None, help="Annotation file: K400 CSV, SSv2 JSON, UCF/HMDB split file, or a path,label CSV."),
@@ -87,8 +88,13 @@ def extract(
     retry_failed: bool = typer.Option(False, help="Also redo videos that failed in an earlier run."),
     fail_on_error: bool = typer.Option(False, help="Exit 1 if any video failed."),
     config: Path = typer.Option(None, help="Recipe YAML whose 'extract' section gives defaults for these flags."),
+    storage_options: Path = typer.Option(None, "--storage-options", help="JSON/YAML file of fsspec options for a URL store "
+                                                                          "(s3://...); credentials also come from AWS_* variables."),
 ) -> None:
     """Run the frozen CLIP backbone once per video and cache its features in a Zarr store."""
+    from evl_cache.location import use_options_file
+
+    use_options_file(storage_options)
     from evl_cache.datasets import load_manifest
     from evl_cache.extract import ExtractConfig, extract as run_extract
 
@@ -122,10 +128,16 @@ def extract(
 
 
 @app.command()
-def inspect(store: Path = typer.Argument(..., help="A cache store written by `evl-cache extract`.")) -> None:
+def inspect(store: str = typer.Argument(..., help="A cache store written by `evl-cache extract` (a path or a URL)."),
+    storage_options: Path = typer.Option(None, "--storage-options", help="JSON/YAML file of fsspec options for a URL store "
+                                                                          "(s3://...); credentials also come from AWS_* variables."),
+) -> None:
     """Print a store's attributes, array shapes, bytes and files on disk, done/failed counts and failures."""
     import json
 
+    from evl_cache.location import use_options_file
+
+    use_options_file(storage_options)
     from evl_cache.store import TABLE_ARRAYS, open_store
 
     st = open_store(str(store))
@@ -150,11 +162,16 @@ def inspect(store: Path = typer.Argument(..., help="A cache store written by `ev
 
 @app.command()
 def verify(
-    store: Path = typer.Argument(..., help="A cache store written by `evl-cache extract`."),
+    store: str = typer.Argument(..., help="A cache store written by `evl-cache extract` (a path or a URL)."),
     repair: bool = typer.Option(False, "--repair", help="Mark bad videos pending, so rerunning extract redoes just them."),
     quick: bool = typer.Option(False, "--quick", help="Check shard indexes and chunk lengths only, not the data checksums."),
+    storage_options: Path = typer.Option(None, "--storage-options", help="JSON/YAML file of fsspec options for a URL store "
+                                                                          "(s3://...); credentials also come from AWS_* variables."),
 ) -> None:
     """Check that every done (video, view) chunk is present, full length and matches its crc32c."""
+    from evl_cache.location import use_options_file
+
+    use_options_file(storage_options)
     from evl_cache.verify import verify_store
 
     report = verify_store(str(store), repair=repair, quick=quick)
@@ -241,10 +258,15 @@ def train(
     sweep: Path = typer.Option(None, help="YAML with a 'sweep:' list of named model:/train: overrides: train them all in "
                                           "one pass over the store, into OUT/<name>/ (a 'sweep:' section in --config works too)."),
     init_from: str = typer.Option(None, help="Start from every matching weight of this checkpoint (train.init_from)."),
+    storage_options: Path = typer.Option(None, "--storage-options", help="JSON/YAML file of fsspec options for a URL store "
+                                                                          "(s3://...); credentials also come from AWS_* variables."),
 ) -> None:
     """Train the EVL decoder by streaming a cache store (one process, torchrun ranks, or Ray Train workers)."""
     import os
 
+    from evl_cache.location import use_options_file
+
+    use_options_file(storage_options)
     from evl_cache.config import load_config
     from evl_cache.train import train as run_train
 
@@ -295,10 +317,15 @@ def eval_(
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
     allow_partial: bool = typer.Option(False, "--allow-partial",
                                        help="Evaluate a store whose extraction has pending videos (on its done ones)."),
+    storage_options: Path = typer.Option(None, "--storage-options", help="JSON/YAML file of fsspec options for a URL store "
+                                                                          "(s3://...); credentials also come from AWS_* variables."),
 ) -> None:
     """Evaluate a checkpoint on a cache store: mean softmax over views, top-1/top-5/per-class accuracy."""
     import os
 
+    from evl_cache.location import use_options_file
+
+    use_options_file(storage_options)
     from evl_cache.completeness import counts_text
     from evl_cache.evaluate import evaluate
 
@@ -349,8 +376,13 @@ def zeroshot(
     text_cache: Path = typer.Option(None, help="Folder of cached class text embeddings (default ~/.cache/evl-cache/text-emb)."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Score a store whose extraction has pending videos."),
+    storage_options: Path = typer.Option(None, "--storage-options", help="JSON/YAML file of fsspec options for a URL store "
+                                                                          "(s3://...); credentials also come from AWS_* variables."),
 ) -> None:
     """CLIP zero-shot classification of a store's videos against any class list, with eval's metrics and outputs."""
+    from evl_cache.location import use_options_file
+
+    use_options_file(storage_options)
     from evl_cache.completeness import counts_text
     from evl_cache.zeroshot import zeroshot_store
 

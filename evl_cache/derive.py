@@ -50,6 +50,10 @@ def derive_emb(store_path: str, weights: str | None = None, arch: str | None = N
     )
     from evl_cache.zeroshot import spec_like_store, with_flag
 
+    from evl_cache.location import is_url
+
+    if is_url(store_path):
+        raise UserError(f"derive-emb cannot write to a URL store yet ({store_path}): copy it to a local path, derive, copy back")
     started = time.perf_counter()
     store = with_flag("STORE", open_store, store_path, mode="r+")
     attrs = dict(store.attrs)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from evl_cache import location
 from evl_cache.backbone import BackboneSpec, build_backbone, default_device
 from evl_cache.errors import UserError
 from evl_cache.faults import fault_point
@@ -340,7 +341,7 @@ def _embed_dim(arch: str) -> int:
 
 def prepare_store(store_path: str, attrs: dict[str, Any], paths: list[str], labels: list[int], cfg: ExtractConfig) -> CacheStore:
     """Create the store, or reopen it for resuming if it was created by the same configuration."""
-    if os.path.exists(store_path):
+    if store_exists(store_path):
         store = open_store(store_path, mode="r+")
         for key in RESUME_KEYS:
             if comparable_attr(key, store.attrs.get(key)) != comparable_attr(key, attrs.get(key)):
@@ -359,10 +360,17 @@ def prepare_store(store_path: str, attrs: dict[str, Any], paths: list[str], labe
                             "drop --shard-size to resume it")
         remove_partial_files(store_path)
         return store
-    parent = os.path.dirname(os.path.abspath(store_path))
-    os.makedirs(parent, exist_ok=True)
+    if not location.is_url(store_path):
+        os.makedirs(os.path.dirname(os.path.abspath(store_path)), exist_ok=True)
     shard_size = cfg.shard_size or choose_shard_size(attrs, cfg.shard_mib)
     return create_store(store_path, attrs, paths, labels, shard_size=shard_size, compressor=cfg.compressor)
+
+
+def store_exists(store_path: str) -> bool:
+    """A local path that exists, or a URL prefix holding a root ``zarr.json``."""
+    if location.is_url(store_path):
+        return location.exists(location.join(store_path, "zarr.json"))
+    return os.path.exists(store_path)
 
 
 def write_tail(store: CacheStore, backbone: Any) -> CacheStore:
@@ -412,6 +420,8 @@ def extract(manifest: Any, store_path: str, cfg: ExtractConfig) -> ExtractSummar
         raise UserError("--blocks none caches no block; add --emb for an emb-only store, or name the blocks to cache")
     if cfg.blocks == [] and cfg.layout == "prefix":
         raise UserError("--layout prefix needs cached blocks; drop --blocks none or use --layout full")
+    if cfg.layout == "prefix" and location.is_url(store_path):
+        raise UserError(f"--layout prefix cannot write to a URL store yet ({store_path}): use --layout full, or a local/shared path")
     if cfg.blocks == []:  # an emb-only store has no block whose attention could be kept
         cfg = dataclasses.replace(cfg, attention="none")
     cfg = dataclasses.replace(cfg, backbone=resolve_precision(cfg))
@@ -425,7 +435,7 @@ def extract(manifest: Any, store_path: str, cfg: ExtractConfig) -> ExtractSummar
 
         attrs["model_config"] = {k: v for k, v in load_model_config(cfg.backbone.arch).items() if k in ("embed_dim", "vision_cfg")}
         attrs["tail"] = {"file": "tail_weights.safetensors", "blocks": tail_blocks(blocks)}
-    fresh = not os.path.exists(store_path)
+    fresh = not store_exists(store_path)
     store = prepare_store(store_path, attrs, list(manifest.paths), list(manifest.labels), cfg)
     if cfg.layout == "prefix" and (fresh or "sha256" not in store.attrs.get("tail", {})):
         if cfg.backbone.precision != "fp32":  # the tail is kept in float32; each device casts it as it runs

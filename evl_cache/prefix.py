@@ -53,6 +53,10 @@ def load_tail(store_path: str, attrs: dict[str, Any], device: torch.device) -> A
     from evl_cache.backbone import FrozenCLIPBackbone, PRECISIONS, file_sha256
     from open_clip.model import _build_vision_tower, convert_weights_to_lp
 
+    from evl_cache.location import is_url
+
+    if is_url(store_path):
+        raise UserError(f"prefix-layout stores cannot be read from a URL yet ({store_path}): copy the store to a local path")
     tail = attrs["tail"]
     path = os.path.join(store_path, tail["file"])
     if not os.path.isfile(path):

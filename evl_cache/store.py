@@ -39,6 +39,7 @@ import torch
 from evl_cache.errors import UserError
 from evl_cache.faults import fault_point
 from evl_cache.formats import StoreFormats
+from evl_cache import location
 
 SCHEMA_VERSION = 2
 PENDING, DONE, FAILED = 0, 1, 2
@@ -180,16 +181,20 @@ class ChunkReader:
         self.compressor = names[1] if len(names) == 3 else None
         self.separator = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
         self.payload_bytes = int(np.prod(self.chunk_shape)) * self.dtype.itemsize
+        self.remote = location.is_url(self.store_path)  # object storage: range GETs instead of preadv
 
     @classmethod
     def open(cls, store_path: str, name: str, verify_checksums: bool = True, threads: int = READ_THREADS) -> "ChunkReader":
+        if location.is_url(store_path):
+            meta = json.loads(location.read_bytes(location.join(store_path, name, "zarr.json")))
+            return cls(store_path, name, meta, verify_checksums, threads)
         with open(os.path.join(store_path, name, "zarr.json")) as fh:
             return cls(store_path, name, json.load(fh), verify_checksums, threads)
 
     # -- files and indexes ----------------------------------------------------------------------
     def shard_file(self, shard: int) -> str:
         coords = (shard,) + (0,) * (len(self.shard_shape) - 1)
-        return os.path.join(self.store_path, self.name, self.separator.join(["c", *map(str, coords)]))
+        return location.join(self.store_path, self.name, self.separator.join(["c", *map(str, coords)]))
 
     def shard_index(self, shard: int) -> np.ndarray:
         """(S, V) x (offset, nbytes) of every chunk of the shard; raises if the file is missing or damaged."""
@@ -199,6 +204,8 @@ class ChunkReader:
 
     def _shard(self, shard: int) -> _Shard:
         """The shard as it is now on disk (one stat), its index re-read only if the file changed."""
+        if self.remote:
+            return self._remote_shard(shard)
         path = self.shard_file(shard)
         try:
             st = os.stat(path)
@@ -228,6 +235,32 @@ class ChunkReader:
         self._touch(shard)
         return entry
 
+    def _remote_shard(self, shard: int) -> _Shard:
+        """An object's kept index, or its size (HEAD) and index (a range GET of its tail), checked.
+
+        Objects are replaced whole, never modified in place, and a writer in this process drops the
+        kept index (`forget`); a reader does not re-check the object per batch (a HEAD per shard per
+        batch would double the requests): a shard replaced by another process meanwhile shows up as a
+        chunk that fails its crc32c.
+        """
+        cached = self._shards.get(shard)
+        if cached is not None:
+            return cached
+        url = self.shard_file(shard)
+        try:
+            total = location.size(url)
+        except FileNotFoundError:
+            raise StoreDataError(f"shard object {url} is missing") from None
+        if total < self.index_bytes:
+            raise StoreDataError(f"shard object {url} is truncated ({total} bytes)")
+        raw = location.read_bytes(url, total - self.index_bytes, total)
+        body, crc = raw[:-4], raw[-4:]
+        if len(raw) != self.index_bytes or _crc32c(body) != crc:
+            raise StoreDataError(f"shard object {url} is damaged (index checksum mismatch; truncated or overwritten)")
+        index = np.frombuffer(body, dtype="<u8").reshape(*self.per_shard[:2], 2)
+        self._shards[shard] = entry = _Shard(url, (0, 0, total), index, -1)
+        return entry
+
     def _touch(self, shard: int) -> None:
         self._open[shard] = None
         self._open.move_to_end(shard)
@@ -236,7 +269,8 @@ class ChunkReader:
         """Close the least recently used descriptors beyond ``max_open`` (never one this batch uses)."""
         for shard in [s for s in self._open if s not in keep][: max(0, len(self._open) - self.max_open)]:
             entry = self._shards[shard]
-            os.close(entry.fd)
+            if entry.fd >= 0:
+                os.close(entry.fd)
             entry.fd = -1
             del self._open[shard]
 
@@ -341,6 +375,8 @@ class ChunkReader:
         path, fd = job.shard.path, job.shard.fd
         at = job.items[0][0]  # the batch position an error is reported for
         try:
+            if self.remote:
+                return self._run_remote(job, out)
             if self.compressor is not None:
                 b, video, view, nbytes = job.items[0]
                 raw = os.pread(fd, nbytes, job.offset)
@@ -378,6 +414,28 @@ class ChunkReader:
             return at, err
         except OSError as err:
             return at, StoreDataError(f"reading '{self.name}' from {path} failed: {err}")
+
+    def _run_remote(self, job: _Job, out: np.ndarray) -> None:
+        """One job as one range GET of its adjacent chunks, then each chunk's length and crc32c checked."""
+        path = job.shard.path
+        total = sum(item[3] for item in job.items)
+        try:
+            raw = location.read_bytes(path, job.offset, job.offset + total)
+        except FileNotFoundError:
+            raise StoreDataError(f"shard object {path} is missing") from None
+        pos = 0
+        for b, video, view, nbytes in job.items:
+            chunk = memoryview(raw)[pos:pos + nbytes]
+            pos += nbytes
+            if len(chunk) != nbytes:
+                raise StoreDataError(f"video {video} view {view}: short read of '{self.name}' in {path} (truncated shard object)")
+            body = np.frombuffer(chunk, dtype=np.uint8)[:-4]
+            self._check(body, bytes(chunk[-4:]), video, view, path)
+            data = np.frombuffer(self._decompress(body), dtype=self.dtype) if self.compressor else body.view(self.dtype)
+            if data.size != out[b].size:
+                raise StoreDataError(f"video {video} view {view}: '{self.name}' chunk in {path} decodes to {data.nbytes} bytes")
+            np.copyto(out[b], data.reshape(out[b].shape))
+        return None
 
     def _pieces(self, job: _Job, out: np.ndarray, crcs: np.ndarray) -> Iterator[list[tuple[np.ndarray, int, int, bool]]]:
         """The job's bytes (each chunk's payload slot, then its 4 crc bytes) cut into consecutive
@@ -696,7 +754,9 @@ def comparable_attr(key: str, value: Any) -> Any:
 
 
 def count_entries(path: str) -> tuple[int, int]:
-    """(files + directories under ``path``, bytes of its files)."""
+    """(files + directories under ``path``, bytes of its files); for a URL, objects + implied folders."""
+    if location.is_url(path):
+        return location.count_entries(path)
     entries, total = 0, 0
     for root, dirs, files in os.walk(path):
         entries += len(dirs) + len(files)
@@ -730,7 +790,8 @@ def create_store(path: str, attrs: dict[str, Any], paths: list[str], labels: lis
     shard_size = int(shard_size or choose_shard_size(attrs))
     attrs.update(schema_version=SCHEMA_VERSION, num_videos=n, shard_size=shard_size, compressor=compressor)
     flat = {"name": "default", "separator": "."}
-    group = zarr.open_group(path, mode="w-", zarr_format=3)
+    target = location.zarr_store(path, read_only=False) if location.is_url(path) else path
+    group = zarr.open_group(target, mode="w-", zarr_format=3)
     chunk = (max(1, min(n, TABLE_CHUNK)),)
 
     def column(name: str, **kw: Any) -> Any:
@@ -782,10 +843,15 @@ def open_store(path: str, mode: str = "r") -> CacheStore:
     """Open an existing store, failing with one clear line if it is missing or not an evl-cache store."""
     import zarr
 
-    if "://" not in path and not Path(path, "zarr.json").is_file():
+    remote = location.is_url(path)
+    if not remote and not Path(path, "zarr.json").is_file():
         raise UserError(f"no cache store at {path}; run `evl-cache extract` first or check the path")
     try:
-        group = zarr.open_group(path, mode=mode, zarr_format=3)
+        if remote and not location.exists(location.join(path, "zarr.json")):
+            raise UserError(f"no cache store at {path} (no zarr.json object); run `evl-cache extract` first or check the URL")
+        group = zarr.open_group(location.zarr_store(path, read_only=mode == "r") if remote else path, mode=mode, zarr_format=3)
+    except UserError:
+        raise
     except Exception as err:  # noqa: BLE001 - any zarr failure means an unreadable store
         raise UserError(f"cannot open cache store {path} ({err.__class__.__name__}: {err}); is it a Zarr v3 store?") from err
     if "evl_cache" not in group.attrs:
@@ -799,6 +865,8 @@ def open_store(path: str, mode: str = "r") -> CacheStore:
 
 def remove_partial_files(path: str) -> int:
     """Delete temp files a killed writer left behind (zarr writes ``*.partial`` then renames)."""
+    if location.is_url(path):
+        return 0  # object PUTs are atomic: there are no temp objects (docs/object-storage.md)
     removed = 0
     for root, _, files in os.walk(path):
         for f in files:
@@ -809,6 +877,9 @@ def remove_partial_files(path: str) -> int:
 
 
 def delete_store(path: str) -> None:
+    if location.is_url(path):
+        location.remove(path)
+        return
     shutil.rmtree(path, ignore_errors=True)
 
 
