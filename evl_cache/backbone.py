@@ -338,6 +338,21 @@ class FrozenCLIPBackbone(nn.Module):
         return temporal_attention_maps(q, k)
 
     @torch.no_grad()
+    def cls_attention(self, frames: torch.Tensor) -> torch.Tensor:
+        """The last block's CLS-token attention, head-averaged, over all L tokens: frames (B, T, 3, S, S)
+        -> (B, T, L) float32 (the CLS map the EVL paper's Figure 4 shows; `evl-cache explain`).
+
+        Runs every block, whatever the captured ones, and takes q and k of the tower's last block as
+        its self-attention computes them (`_qk`); `forward` is untouched.
+        """
+        b, t = frames.shape[:2]
+        x = self.visual._embeds(frames.flatten(0, 1).to(device=self.device, dtype=self.dtype))
+        resblocks = self.visual.transformer.resblocks
+        for block in resblocks[:-1]:
+            x = block(x)
+        return cls_attention_from_qk(*self._qk(resblocks[-1], x)).view(b, t, -1)
+
+    @torch.no_grad()
     def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
         b, t = frames.shape[:2]
         x = frames.flatten(0, 1).to(device=self.device, dtype=self.dtype)
@@ -408,6 +423,14 @@ class FrozenCLIPBackbone(nn.Module):
         elif self.attention == "maps":
             out["attn"] = torch.stack(maps, dim=1)
         return out
+
+
+def cls_attention_from_qk(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q, k (..., L, H, D) of one block -> (..., L) float32: softmax over keys of the CLS query's
+    q.k/sqrt(D) per head, then the mean over heads (CLS key included, so each row sums to 1)."""
+    d = q.shape[-1]
+    logits = torch.einsum("...hd,...lhd->...hl", q[..., 0, :, :].float(), k.float()) / d ** 0.5
+    return logits.softmax(-1).mean(-2)
 
 
 def check_token_pooled(visual: nn.Module) -> None:

@@ -472,6 +472,46 @@ def predict(
     if failed:
         typer.secho(f"{len(failed)} of {len(preds)} videos could not be read", fg=typer.colors.YELLOW, err=True)
 
+@app.command()
+def explain(
+    video: Path = typer.Argument(None, help="A video file (or use --store S --video N instead)."),
+    checkpoint: Path = typer.Option(..., help="Checkpoint written by train."),
+    out: Path = typer.Option(..., help="Folder for explain.png, explain.gif, attention.npz and summary.txt."),
+    store: str = typer.Option(None, help="Explain a cached video of this store instead of a video file."),
+    video_index: int = typer.Option(None, "--video", help="With --store: the video's index in the store."),
+    view: int = typer.Option(0, help="Which view: of the checkpoint's eval grid (video file) or of the store's views."),
+    weights: str = typer.Option(None, help="Video file: CLIP weights file, overriding the path the checkpoint recorded."),
+    force: bool = typer.Option(False, help="Video file: use --weights even if its sha256 differs from the recorded one."),
+    trust_torchscript: bool = typer.Option(False, help="Load TorchScript backbone weights (code) that are not a known OpenAI CLIP release."),
+    precision: str = typer.Option(None, help="Video file: backbone precision (default: the checkpoint's training store's)."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+) -> None:
+    """Per-frame attention of the decoder's video-level query (each layer and their mean) beside the
+    backbone CLS token's, over the frames (the EVL paper's Figure 4)."""
+    from evl_cache.explain import check_out, explain_store, explain_video, write_explanation
+
+    if (video is None) == (store is None):
+        raise UserError("explain needs a VIDEO file or --store S --video N (one of them, not both)")
+    if store is not None and video_index is None:
+        raise UserError("--store needs --video N, the index of the video in the store")
+    if store is None and video_index is not None:
+        raise UserError("--video N picks a video of a --store; for a video file pass its path as VIDEO")
+    video_only = {"--weights": weights, "--force": force or None, "--precision": precision,
+                  "--trust-torchscript": trust_torchscript or None}
+    given = [flag for flag, value in video_only.items() if value is not None]
+    if store is not None and given:
+        raise UserError(f"{given[0]} applies to a VIDEO file (the backbone runs); a --store holds the features already")
+    check_out(out)
+    if store is not None:
+        exp = explain_store(checkpoint, store, video_index, view=view, device=device)
+    else:
+        exp = explain_video(checkpoint, video, view=view, weights=weights, device=device, force=force,
+                            precision=precision, trust_torchscript=trust_torchscript)
+    for line in write_explanation(exp, out):
+        typer.echo(line)
+    typer.echo(f"wrote {out}/explain.png, explain.gif, attention.npz, summary.txt")
+
+
 # --- tools: synth / flops ---------------------------------------------------------------------
 
 

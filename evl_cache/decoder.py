@@ -115,6 +115,10 @@ class CrossAttention(nn.Module):
         for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             nn.init.xavier_uniform_(lin.weight)
             nn.init.zeros_(lin.bias)
+        # `evl-cache explain` turns this on to keep the softmax weights it already computed (a read:
+        # the forward's numerics do not change); off by default, and never part of the state dict.
+        self.keep_attention = False
+        self.attention: Tensor | None = None  # (B, H, Nq, memory tokens) of the last forward, when kept
 
     def forward(self, x: Tensor, mem: Tensor) -> Tensor:
         B, Nq, C = x.shape
@@ -123,6 +127,8 @@ class CrossAttention(nn.Module):
         k = self.k_proj(mem).view(B, -1, H, D).transpose(1, 2)
         v = self.v_proj(mem).view(B, -1, H, D).transpose(1, 2)
         attn = ((q @ k.transpose(-2, -1)) / math.sqrt(D)).softmax(dim=-1)
+        if self.keep_attention:
+            self.attention = attn.detach()
         return self.out_proj((attn @ v).transpose(1, 2).reshape(B, Nq, C))
 
 
