@@ -10,8 +10,12 @@ Without CUDA (and without --device cpu) it says so and exits 0. Steps:
 2. benchmarks/bench_train.py --formats all: a training step from a store of every format, and the
    online path (decode + backbone + decoder step), plus each store's serial extraction time;
 3. benchmarks/bench_extract.py: the Ray extraction pipeline (fp16) against its decode and backbone halves;
-4. `evl-cache plan`'s prediction of each ratio for this GPU kind, beside the measurement.
-Writes results/bench/gpu.json.
+4. `evl-cache plan`'s prediction of each ratio for this GPU kind, beside the measurement;
+5. benchmarks/bench_latency.py (the paper's Table 3): inference latency at batch 1 and throughput at the
+   largest batch that fits, backbone + decoder, B/16 and L/14 at 8 frames, fp16;
+6. benchmarks/bench_step.py (the paper's Table 5): the idealised training step, 64 samples of fake data,
+   frozen CLIP + average pooling against frozen CLIP + EVL (and unfrozen CLIP + EVL).
+Writes results/bench/gpu.json (and latency.json, latency.png, step.json beside it).
 """
 
 from __future__ import annotations
@@ -89,6 +93,20 @@ def main() -> int:
     result["bench_train_exit"] = code
     code = run([sys.executable, "benchmarks/bench_extract.py", "--json", str(out / "extract.json"), *extract])
     result["bench_extract_exit"] = code
+    bench_dir = Path(args.json).parent
+    if args.toy:
+        latency = ["--arch", "tests/assets/tiny_vit.json", "--frames", "4", "--layers", "2", "--max-batch", "2"]
+        step = ["--arch", "tests/assets/tiny_vit.json", "--frames", "4", "--layers", "2", "--batch", "2", "--steps", "1"]
+    else:
+        latency = ["--arch", "ViT-B-16", "ViT-L-14", "--frames", "8", "--layers", "4", "--repeats", "5"]
+        step = ["--arch", "ViT-B-16", "--frames", "8", "--layers", "4", "--batch", "64", "--steps", "5", "--unfrozen"]
+    result["bench_latency_exit"] = run([sys.executable, "benchmarks/bench_latency.py", "--device", args.device,
+                                        "--out", str(bench_dir), *latency])
+    result["bench_step_exit"] = run([sys.executable, "benchmarks/bench_step.py", "--device", args.device,
+                                     "--json", str(bench_dir / "step.json"), *step])
+    lat_path, step_path = bench_dir / "latency.json", bench_dir / "step.json"
+    result["latency"] = json.loads(lat_path.read_text()) if lat_path.is_file() and not result["bench_latency_exit"] else None
+    result["step"] = json.loads(step_path.read_text()) if step_path.is_file() and not result["bench_step_exit"] else None
     tr = json.loads((out / "train.json").read_text()) if (out / "train.json").is_file() else None
     ex = json.loads((out / "extract.json").read_text()) if (out / "extract.json").is_file() else None
     result["train"], result["extract"] = tr, ex
@@ -122,10 +140,11 @@ def main() -> int:
         lines += ["", f"extraction pipeline (fp16, Ray): {ex['pipeline_clips_per_s']} clip-views/s; decode alone "
                       f"{ex['decode_clips_per_s']}, backbone alone {ex['backbone_clips_per_s']}; ratio {ex['ratio']} "
                       f"({ex['ratio_meaning']})"]
+    lines += table3_and_5(result.get("latency"), result.get("step"))
     print("\n".join(lines))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2, default=float))
-    failed = [k for k in ("bench_train_exit", "bench_extract_exit") if result.get(k)] + \
+    failed = [k for k in ("bench_train_exit", "bench_extract_exit", "bench_latency_exit", "bench_step_exit") if result.get(k)] + \
         (["cuda_tests"] if str(result.get("cuda_tests", "")).startswith("FAILED") else [])
     if failed:
         print(f"bench-gpu: failed steps: {', '.join(failed)}")
@@ -133,6 +152,23 @@ def main() -> int:
 
 
 ONLINE = "online"
+
+
+def table3_and_5(latency: dict | None, step: dict | None) -> list[str]:
+    """The Table 3 and Table 5 lines of the summary (each bench prints its full table itself)."""
+    lines = []
+    if latency:
+        lines += ["", "| Table 3: model | latency, batch 1 | largest batch | throughput |", "|---|---|---|---|"]
+        for m in latency["models"]:
+            one, top = m["points"][0], max(m["points"], key=lambda q: q["batch"])
+            lines.append(f"| {m['arch']} {m['frames']}f {m['precision']} | {one['total_s'] * 1e3:.1f} ms | "
+                         f"{top['batch']} ({m['stop_reason']}) | {top['clips_per_s']:.1f} clips/s |")
+    if step:
+        med = step["median_s"]
+        lines += ["", f"Table 5 (batch {step['batch']}): frozen CLIP + average pooling {med['pool']:.3f} s/step, "
+                      f"frozen CLIP + EVL {med['evl']:.3f} s/step (x{step['evl_over_pool']:.2f}; paper 1.03 / 0.57 = x1.81)"
+                  + (f", unfrozen CLIP + EVL {med['unfrozen']:.3f} s/step (paper 4.41)" if "unfrozen" in med else "")]
+    return lines
 
 if __name__ == "__main__":
     sys.exit(main())
