@@ -270,7 +270,12 @@ def train(
     from evl_cache.config import load_config
     from evl_cache.train import train as run_train
 
-    cfg = load_config(config, list(set_ or []))
+    import json
+
+    # --init-from joins the overrides before the config is validated: a fine-tuning recipe's
+    # pretrained_lr_mult is refused without init_from (configs/ucf101_*.yaml)
+    init_override = [f"train.init_from={json.dumps(init_from)}"] if init_from else []
+    cfg = load_config(config, list(set_ or []) + init_override)
     for section, key, value in (("data", "train_store", train_store), ("data", "val_store", val_store),
                                 ("train", "steps", steps), ("train", "batch_size", batch), ("train", "lr", lr),
                                 ("data", "num_workers", workers), ("train", "amp", amp),

@@ -126,3 +126,18 @@ def test_finetune_table12_smoke_end_to_end(tmp_path):
     md = (tmp_path / "out" / "table12.md").read_text()
     assert "SMOKE RUN" in md and "not in docs/reference.md" in md
     assert (tmp_path / "out" / "table12_splits.png").stat().st_size > 5_000
+
+
+def test_init_from_flag_satisfies_a_finetuning_config(tmp_path):
+    """`--init-from` joins the overrides before validation: the config's pretrained_lr_mult needs it."""
+    from typer.testing import CliRunner
+
+    from evl_cache.cli import app
+    from evl_cache.errors import UserError
+
+    args = ["train", "--config", str(ROOT / "configs" / "ucf101_vitl14_32f.yaml"), "--out", str(tmp_path / "run")]
+    refused = CliRunner().invoke(app, args)
+    assert isinstance(refused.exception, UserError) and "init_from" in str(refused.exception)
+    passed = CliRunner().invoke(app, [*args, "--init-from", str(tmp_path / "k400" / "model")])
+    assert isinstance(passed.exception, UserError) and "no training store given" in str(passed.exception)
+    assert not (tmp_path / "run").exists()
