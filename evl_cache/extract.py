@@ -492,6 +492,13 @@ class ShardRun:
         self.requeued = 0
 
     # -- steps --------------------------------------------------------------------------------
+    def runner_args(self, threads: int, device: str | None) -> tuple[Any, ...]:
+        """`BackboneRunner`'s arguments for this store: one place, so a new store option reaches every actor
+        (the first, per-node and replacement ones alike)."""
+        a = self.attrs
+        return (self.cfg.backbone.to_dict(), self.blocks, self.cfg.attention, a["dtype"], threads, device,
+                a["attn_format"], a["layout"], bool(a.get("emb")))
+
     def start_workers(self, ray: Any) -> None:
         resources = ray.cluster_resources()
         cpus, gpus = float(resources.get("CPU", 0)), int(resources.get("GPU", 0))
@@ -500,7 +507,6 @@ class ShardRun:
                             "raise --num-cpus or add a node with CPUs")
         self.decode_task = ray.remote(num_cpus=1, max_retries=1)(decode_on_node)
         self.writer_task = ray.remote(num_cpus=0, max_retries=2)(write_batches)
-        spec, cfg = self.cfg.backbone.to_dict(), self.cfg
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         for n in nodes:
             head = " (head)" if "node:__internal_head__" in n.get("Resources", {}) else ""
@@ -511,14 +517,12 @@ class ShardRun:
         # tasks can never get, which hung a run whenever the cluster had no more CPUs than actors.
         if gpus:
             actor = ray.remote(num_gpus=1, num_cpus=0, max_restarts=2, max_task_retries=2)(BackboneRunner)
-            self.runners = [actor.remote(spec, self.blocks, cfg.attention, self.attrs["dtype"], 4, None,
-                                         self.attrs["attn_format"], self.attrs["layout"], bool(self.attrs.get("emb"))) for _ in range(gpus)]
+            self.runners = [actor.remote(*self.runner_args(4, None)) for _ in range(gpus)]
         elif len(cpu_nodes) <= 1:
             # One CPU actor whose threads may use every core: decode tasks time-share with it, which is
             # what gets a 2-core machine close to the serial bound 1/(1/decode + 1/backbone).
             actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)(BackboneRunner)
-            self.runners = [actor.remote(spec, self.blocks, cfg.attention, self.attrs["dtype"], max(1, int(cpus)), "cpu",
-                                         self.attrs["attn_format"], self.attrs["layout"], bool(self.attrs.get("emb")))]
+            self.runners = [actor.remote(*self.runner_args(max(1, int(cpus)), "cpu"))]
         else:
             # A CPU cluster: one actor per node, using that node's cores. The placement is soft, so an
             # actor whose node dies is restarted on a surviving node (max_restarts) and its calls rerun.
@@ -527,8 +531,7 @@ class ShardRun:
             actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)(BackboneRunner)
             self.runners = [
                 actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=True)).remote(
-                    spec, self.blocks, cfg.attention, self.attrs["dtype"], max(1, int(n["Resources"]["CPU"])), "cpu",
-                    self.attrs["attn_format"], self.attrs["layout"], bool(self.attrs.get("emb")))
+                    *self.runner_args(max(1, int(n["Resources"]["CPU"])), "cpu"))
                 for n in cpu_nodes]
         self.actor_class = actor
 
@@ -620,10 +623,7 @@ class ShardRun:
             except ray.exceptions.RayError:
                 gpu = bool(ray.cluster_resources().get("GPU", 0))
                 threads = 4 if gpu else max(1, int(ray.available_resources().get("CPU", 1)))
-                self.runners[k] = self.actor_class.remote(self.cfg.backbone.to_dict(), self.blocks, self.cfg.attention,
-                                                          self.attrs["dtype"], threads, None if gpu else "cpu",
-                                                          self.attrs["attn_format"], self.attrs["layout"],
-                                                          bool(self.attrs.get("emb")))
+                self.runners[k] = self.actor_class.remote(*self.runner_args(threads, None if gpu else "cpu"))
 
     def execute(self, shards: dict[int, list[int]]) -> None:
         if not shards:
