@@ -134,8 +134,22 @@ class StageResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def portable_key(value: Any, root: Path = ROOT) -> Any:
+    """``value`` with every absolute path inside the checkout ``root`` made relative to it, so a
+    ledger written from one checkout (or worktree) of the repository still matches in another."""
+    if isinstance(value, dict):
+        return {k: portable_key(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable_key(v, root) for v in value]
+    if isinstance(value, str) and value.startswith(str(root) + os.sep):
+        return os.path.relpath(value, root)
+    return value
+
+
 class Ledger:
-    """``<work>/stages.json``: per stage, its key, wall seconds and info, written after each stage."""
+    """``<work>/stages.json``: per stage, its key, wall seconds and info, written after each stage.
+    Keys are stored with checkout-relative paths (`portable_key`), so moving the checkout never
+    makes finished work look stale and get removed."""
 
     def __init__(self, work: str | os.PathLike) -> None:
         self.work = Path(work)
@@ -156,7 +170,7 @@ class Ledger:
         A changed key means the recorded output is stale: the listed ``outputs`` (inside the work
         dir only) are removed first so the stage starts clean. ``fn`` returns the stage's info dict.
         """
-        key = json.loads(json.dumps(key, sort_keys=True, default=str))
+        key = portable_key(json.loads(json.dumps(key, sort_keys=True, default=str)))
         old = self.entries.get(name)
         if old is not None and old.get("key") == key and old.get("done") and complete():
             say(f"  [skip] {name}: done earlier in {old['seconds']:.1f} s")

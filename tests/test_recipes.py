@@ -181,6 +181,23 @@ def test_ledger_counts_interrupted_time_once_resumed(tmp_path):
     assert not res.skipped and res.seconds >= entry["seconds"]
 
 
+def test_ledger_keys_survive_moving_the_checkout(tmp_path):
+    """A key naming files inside the checkout is stored relative to it: the same stage run from
+    another checkout (a worktree, a moved clone) is still done, and its output is not removed."""
+    from common import ROOT, portable_key
+
+    inside = {"weights": str(ROOT / "evl_cache" / "assets" / "w.safetensors"), "other": "/elsewhere/x", "n": [1]}
+    assert portable_key(inside) == {"weights": "evl_cache/assets/w.safetensors", "other": "/elsewhere/x", "n": [1]}
+    clone = tmp_path / "clone"
+    moved = {"weights": str(clone / "evl_cache" / "assets" / "w.safetensors"), "other": "/elsewhere/x", "n": [1]}
+    assert portable_key(moved, root=clone) == portable_key(inside)
+    out = tmp_path / "work" / "out"
+    led = Ledger(tmp_path / "work")
+    led.run("s", inside, lambda: out.mkdir(parents=True) or {}, complete=out.is_dir, outputs=[out])
+    again = Ledger(tmp_path / "work").run("s", inside, lambda: {}, complete=out.is_dir, outputs=[out])
+    assert again.skipped and out.is_dir()
+
+
 def test_ledger_never_removes_outside_its_work_dir(tmp_path):
     outside = tmp_path / "precious"
     outside.mkdir()
