@@ -50,7 +50,7 @@ RESUME_KEYS = ("backbone", "blocks", "frames", "sampling", "views", "num_views",
 FLUSH_SECONDS = 5.0  # the driver writes its marks at most this often (and at the end)
 NODE_LOSS_REQUEUES = 3  # times one shard is redone because a node (or its actor, or its objects) was lost
 # Ray errors that mean lost machinery (a node, an actor, an object), not a bad video: the shard is redone.
-NODE_LOSS_ERRORS = ("NodeDiedError", "ActorDiedError", "ActorUnavailableError", "ObjectLostError",
+NODE_LOSS_ERRORS = ("NodeDiedError", "ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError", "ObjectLostError",
                     "ObjectFetchTimedOutError", "OwnerDiedError", "ReferenceCountingAssertionError",
                     "ObjectReconstructionFailedError", "ObjectReconstructionFailedMaxAttemptsExceededError",
                     "ObjectReconstructionFailedLineageEvictedError", "RaySystemError")
@@ -524,13 +524,15 @@ class ShardRun:
             actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)(BackboneRunner)
             self.runners = [actor.remote(*self.runner_args(max(1, int(cpus)), "cpu"))]
         else:
-            # A CPU cluster: one actor per node, using that node's cores. The placement is soft, so an
-            # actor whose node dies is restarted on a surviving node (max_restarts) and its calls rerun.
+            # A CPU cluster: one actor per node, using that node's cores. The placement is hard: a soft
+            # one let a busy node's actor start on the head instead (measured: the head then embedded
+            # everything). An actor whose node dies cannot restart there, dies, and its shards are redone
+            # by `land`, which swaps it for a fresh actor on a live node (`replace_dead_runners`).
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
             actor = ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)(BackboneRunner)
             self.runners = [
-                actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=True)).remote(
+                actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
                     *self.runner_args(max(1, int(n["Resources"]["CPU"])), "cpu"))
                 for n in cpu_nodes]
         self.actor_class = actor
