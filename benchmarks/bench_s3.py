@@ -16,6 +16,7 @@ endpoint, not what a real object store on a fast network gives.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -66,6 +67,7 @@ def main() -> None:
 
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per ranged GET otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
