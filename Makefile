@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install test test-slow demo bench bench-gpu reproduce-table1 ablation-table8 finetune-table12 formats-table pretrain-tiny clean
+.PHONY: install test test-slow demo bench bench-gpu reproduce-table1 ablation-table8 finetune-table12 formats-table explain-demo pretrain-tiny clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,10 @@ finetune-table12: $(STAMP)
 # About an hour of CPU; SMOKE=1 runs the same recipe at toy size in about a minute.
 formats-table: $(STAMP)
 	$(PY) pipelines/format_accuracy.py $(SMOKE_FLAG) $(FORMATS_ARGS)
+
+# Figure 4 on the synthetic benchmark: where the demo decoder's query attends (needs `make demo` first).
+explain-demo: $(STAMP)
+	$(PY) pipelines/explain_synthetic.py
 
 # The step-based command recorded in evl_cache/assets/tiny_vit/PRETRAIN.md (reproduces the committed weights' schedule).
 PRETRAIN_ARGS ?= --seed 0 --steps 4036 --batch 48 --lr 0.002 --attn-weight 0.5 --obj-weight 4.0

@@ -199,3 +199,27 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(env, tmp_path, monkeypa
         assert len(err.strip().splitlines()) == 1 and needle in err, (needle, err)
         assert not out.exists(), needle
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no partial folders
+
+
+def test_explain_demo_measures_attention_on_the_object():
+    """pipelines/explain_synthetic.py: object patches from a flat-background frame, and the share of a
+    map's patch attention on them (all of it for a map on the object, the area share for a uniform one)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "pipelines"))
+    from explain_synthetic import object_patches, on_object_share
+
+    frames = np.full((2, 16, 16, 3), (240, 180, 220), dtype=np.uint8)
+    frames[0, 0:8, 0:8] = (250, 200, 0)  # frame 0: the top-left patch of a 2x2 grid
+    frames[1, 8:16, 8:12] = (250, 200, 0)  # frame 1: half of the bottom-right patch (>= 25%: counted)
+    mask = object_patches(frames, (2, 2))
+    assert mask.tolist() == [[[True, False], [False, False]], [[False, False], [False, True]]]
+    on = np.zeros((2, 5))
+    on[0, 1], on[1, 4], on[:, 0] = 0.4, 0.4, 0.1  # CLS tokens carry mass too: it is left out
+    assert on_object_share(on, mask, per_frame=False) == pytest.approx(1.0)
+    uniform = np.full((2, 5), 0.1)
+    assert on_object_share(uniform, mask, per_frame=False) == pytest.approx(mask.mean())
+    skewed = np.array([[0, 0.9, 0.1, 0, 0], [0, 0.01, 0.01, 0.01, 0.01]])  # per frame: 0.9 and 0.25
+    assert on_object_share(skewed, mask, per_frame=True) == pytest.approx((0.9 + 0.25) / 2)
+    assert on_object_share(skewed, mask, per_frame=False) == pytest.approx((0.9 + 0.01) / 1.04)
