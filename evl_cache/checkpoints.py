@@ -174,9 +174,9 @@ def check_meta_fits(cfg: DecoderConfig, meta: dict[str, Any], where: str) -> Non
         if key in meta and (list(meta[key]) if key == "grid" else meta[key]) != value:
             raise UserError(f"{where}: metadata says {key}={meta[key]} but the decoder has {key}={value}; "
                             f"use a store/backbone matching the checkpoint")
-    if "blocks" in meta and len(meta["blocks"]) != cfg.num_layers:
-        raise UserError(f"{where}: metadata lists {len(meta['blocks'])} blocks for a {cfg.num_layers}-layer decoder; "
-                        f"use a store extracted with the last {cfg.num_layers} blocks")
+    if "blocks" in meta and len(meta["blocks"]) != cfg.cached_blocks:
+        raise UserError(f"{where}: metadata lists {len(meta['blocks'])} blocks for a decoder reading {cfg.cached_blocks}; "
+                        f"use a store extracted with the last {cfg.cached_blocks} blocks")
     if cfg.temporal_cross_attention and meta.get("attention", cfg.attention_input) != cfg.attention_input:
         raise UserError(f"{where}: metadata has attention {meta['attention']!r} but TCA reads "
                         f"{cfg.attention_input!r}; pass the matching attention input")

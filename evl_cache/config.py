@@ -43,6 +43,11 @@ class ModelConfig:
     temporal_conv: bool = True
     temporal_pos: bool = True
     temporal_cross_attention: bool = True
+    # Table 6 (evl head): the cached block each decoder layer reads (indices into the store's blocks;
+    # default: the last num_layers of them, so num_layers below the store's K is 6a) and feature pooling
+    # ("none" | "temporal" | "spatial", 6c). See docs/decoder.md, "Table 6 options".
+    layer_blocks: list[int] | None = None
+    pool: str = "none"
     # Which head trains (docs/heads.md): evl (default, None) | xclip | attentive_probe | linear.
     # The options below belong to one head each; None keeps that head's default (and old runs resumable).
     head: str | None = None
@@ -278,7 +283,7 @@ def evl_decoder_config(model: ModelConfig, attrs: dict[str, Any], where: str):
     from evl_cache.decoder import DecoderConfig
 
     implied = {
-        "num_layers": len(attrs["blocks"]),
+        "cached_blocks": len(attrs["blocks"]),
         "width": int(attrs["width"]),
         "heads": int(attrs["heads"]),
         "frames": int(attrs["frames"]),
@@ -295,9 +300,19 @@ def evl_decoder_config(model: ModelConfig, attrs: dict[str, Any], where: str):
     # shape from the store, every other option (dropouts, module switches, ...) from the model section
     from evl_cache.heads import HEAD_OPTIONS
 
-    skip = set(implied) | set(HEAD_OPTIONS) | {"head"}
+    skip = set(implied) | set(HEAD_OPTIONS) | {"head", "num_layers"}
     options = {f.name: getattr(model, f.name) for f in fields(model) if f.name not in skip}
-    return DecoderConfig(**implied, **options)
+    # depth: as stated, else one layer per listed block, else one per cached block (the reference)
+    K = implied["cached_blocks"]
+    layers = model.num_layers or (len(model.layer_blocks) if model.layer_blocks else K)
+    if model.layer_blocks is None and layers > K:
+        raise UserError(f"store {where} holds {K} blocks but model.num_layers={layers}; lower it, list the block each "
+                        f"layer reads in model.layer_blocks, or extract more blocks (--decoder-layers)")
+
+    try:
+        return DecoderConfig(num_layers=layers, **implied, **options)
+    except UserError as err:
+        raise UserError(f"store {where}: {err}") from None
 
 
 # Attributes a validation/eval store must share with the training store (views may differ).

@@ -6,7 +6,8 @@ position embedding, temporal cross attention). Numerics, widths and inits follow
 implementation (docs/reference.md, "Decoder").
 
 The input is one batch dict, the contract shared with the cache reader and the online predict path:
-  "feats": (B, K, T, L, C) block outputs, CLS token at index 0; decoder layer i reads feats[:, i].
+  "feats": (B, K, T, L, C) block outputs, CLS token at index 0; decoder layer i reads
+           feats[:, layer_blocks[i]] (by default layer i of K reads block i).
   "attn":  (B, K, 2, T-1, P, P) head-averaged neighbour-frame maps   (attention_input == "maps")
   "q","k": (B, K, T, L, H, D) raw attention projections             (attention_input == "qk")
 """
@@ -24,6 +25,8 @@ from evl_cache.errors import UserError
 from evl_cache.tca import TemporalCrossAttention, compute_dtype, temporal_attention_maps
 
 ATTENTION_INPUTS = ("maps", "qk", "none")
+# Feature pooling before the decoder (the paper's Table 6c): average adjacent frame pairs, or 2x2 patches.
+POOLS = ("none", "temporal", "spatial")
 
 
 @dataclass
@@ -43,9 +46,18 @@ class DecoderConfig:
     temporal_pos: bool = True
     temporal_cross_attention: bool = True
     attention_input: str = "maps"
+    # Table 6 ablations, all read from one cache of K blocks (docs/decoder.md, "Table 6 options"):
+    cached_blocks: int | None = None  # K, the blocks a batch carries (default num_layers)
+    layer_blocks: tuple[int, ...] | None = None  # the cached block each layer reads (default the last num_layers)
+    pool: str = "none"  # one of POOLS: the decoder sees T/2 frames or an (h/2, w/2) grid
 
     def __post_init__(self) -> None:
         self.grid = (int(self.grid[0]), int(self.grid[1]))
+        if self.cached_blocks is None:
+            self.cached_blocks = int(self.num_layers)
+        if self.layer_blocks is None:
+            self.layer_blocks = tuple(range(int(self.cached_blocks) - int(self.num_layers), int(self.cached_blocks)))
+        self.layer_blocks = tuple(int(b) for b in self.layer_blocks)
         problems = []
         for name in ("num_layers", "width", "heads", "frames", "num_classes"):
             if int(getattr(self, name)) < 1:
@@ -60,6 +72,18 @@ class DecoderConfig:
             problems.append("temporal_cross_attention needs attention_input 'maps' or 'qk', not 'none'")
         if self.temporal_cross_attention and self.frames < 2:
             problems.append("temporal_cross_attention needs frames >= 2")
+        if len(self.layer_blocks) != self.num_layers or any(not 0 <= b < self.cached_blocks for b in self.layer_blocks):
+            problems.append(f"layer_blocks={list(self.layer_blocks)} must name one of the {self.cached_blocks} cached "
+                            f"blocks (0..{self.cached_blocks - 1}) for each of the {self.num_layers} layers")
+        if self.pool not in POOLS:
+            problems.append(f"pool={self.pool!r} is not one of {POOLS}")
+        elif self.pool != "none" and self.temporal_cross_attention:
+            problems.append(f"pool={self.pool!r} with temporal_cross_attention: the cached maps are between full-resolution "
+                            "frames and patches; set temporal_cross_attention=false")
+        if self.pool == "temporal" and self.frames % 2:
+            problems.append(f"pool 'temporal' needs an even frame count, not {self.frames}")
+        if self.pool == "spatial" and (self.grid[0] % 2 or self.grid[1] % 2):
+            problems.append(f"pool 'spatial' needs an even grid, not {list(self.grid)}")
         if problems:
             raise UserError("bad decoder config: " + "; ".join(problems) + "; fix the config values")
 
@@ -71,9 +95,20 @@ class DecoderConfig:
     def num_tokens(self) -> int:
         return 1 + self.num_patches
 
+    @property
+    def layer_frames(self) -> int:
+        """Frames the decoder layers see (after temporal pooling)."""
+        return self.frames // 2 if self.pool == "temporal" else self.frames
+
+    @property
+    def layer_grid(self) -> tuple[int, int]:
+        """The patch grid the decoder layers see (after spatial pooling)."""
+        return (self.grid[0] // 2, self.grid[1] // 2) if self.pool == "spatial" else self.grid
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["grid"] = list(self.grid)
+        d["layer_blocks"] = list(self.layer_blocks)
         return d
 
     @classmethod
@@ -155,8 +190,8 @@ class DecoderLayer(nn.Module):
         C = cfg.width
         # Switched-off modules are absent (not zeroed), so their parameters do not exist.
         self.tconv = nn.Conv1d(C, C, kernel_size=3, padding=1, groups=C) if cfg.temporal_conv else None
-        self.tpos = nn.Parameter(torch.zeros(cfg.frames, C)) if cfg.temporal_pos else None
-        self.tca = TemporalCrossAttention(cfg.grid, C) if cfg.temporal_cross_attention else None
+        self.tpos = nn.Parameter(torch.zeros(cfg.layer_frames, C)) if cfg.temporal_pos else None
+        self.tca = TemporalCrossAttention(cfg.grid, C) if cfg.temporal_cross_attention else None  # never pooled
         self.attn = CrossAttention(C, cfg.heads)
         self.mlp = Mlp(C, round(C * cfg.mlp_ratio), cfg.mlp_dropout)
         self.norm1 = LayerNorm(C)
@@ -211,20 +246,34 @@ class EVLDecoder(nn.Module):
         # an op, not a view of the parameter: views of leaves confuse torch's module/flop trackers
         x = feats.new_zeros(B, 1, self.cfg.width) + self.query
         for i, layer in enumerate(self.layers):
-            x = layer(x, feats[:, i], self._maps(batch, i))
+            b = self.cfg.layer_blocks[i]
+            x = layer(x, self._pool(feats[:, b]), self._maps(batch, b))
         return self.head(x[:, 0])
 
-    def _maps(self, batch: dict[str, Tensor], i: int) -> Tensor | None:
+    def _pool(self, f: Tensor) -> Tensor:
+        """(B, T, L, C) -> the decoder's view of one block: frame pairs or 2x2 patches averaged (CLS
+        tokens averaged over the frame pair, kept per frame under spatial pooling)."""
+        pool = self.cfg.pool
+        if pool == "none":
+            return f
+        B, T, L, C = f.shape
+        if pool == "temporal":
+            return f.view(B, T // 2, 2, L, C).mean(2)
+        h, w = self.cfg.grid
+        patches = f[:, :, 1:].reshape(B, T, h // 2, 2, w // 2, 2, C).mean((3, 5)).reshape(B, T, -1, C)
+        return torch.cat([f[:, :, :1], patches], dim=2)
+
+    def _maps(self, batch: dict[str, Tensor], b: int) -> Tensor | None:
         if not self.cfg.temporal_cross_attention:
             return None
         if self.cfg.attention_input == "maps":
-            return batch["attn"][:, i]
-        return temporal_attention_maps(batch["q"][:, i], batch["k"][:, i])
+            return batch["attn"][:, b]
+        return temporal_attention_maps(batch["q"][:, b], batch["k"][:, b])
 
     def check_batch(self, batch: dict[str, Tensor]) -> None:
         """Fail with one clear line when a batch does not match this decoder (wrong store/config)."""
         cfg = self.cfg
-        K, T, L, C, P = cfg.num_layers, cfg.frames, cfg.num_tokens, cfg.width, cfg.num_patches
+        K, T, L, C, P = cfg.cached_blocks, cfg.frames, cfg.num_tokens, cfg.width, cfg.num_patches
         _expect(batch, "feats", (K, T, L, C), "(B, K, T, L, C)")
         if cfg.temporal_cross_attention and cfg.attention_input == "maps":
             _expect(batch, "attn", (K, 2, T - 1, P, P), "(B, K, 2, T-1, P, P)")

@@ -107,6 +107,9 @@ def decoder_macs(cfg: DecoderConfig, tca_formula: str = "reference", tca_qk: boo
     K, T, C, L, P = cfg.num_layers, cfg.frames, cfg.width, cfg.num_tokens, cfg.num_patches
     h, w = cfg.grid
     R = (2 * h - 1) * (2 * w - 1)
+    if cfg.pool != "none":  # Table 6c: the layers see pooled tokens (TCA is off with pooling)
+        T, (ph, pw) = cfg.layer_frames, cfg.layer_grid
+        L = 1 + ph * pw
     hidden = round(C * cfg.mlp_ratio)
     parts = {
         "tconv": T * L * C * 3 if cfg.temporal_conv else 0,

@@ -268,3 +268,67 @@ def test_bad_batch_and_config_raise_user_error():
     with pytest.raises(UserError, match="attention_input"):
         DecoderConfig(attention_input="none")
     assert DecoderConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# ------------------------------------------------------------------ Table 6 options -------------
+def test_layers_read_the_blocks_they_are_given():
+    """6a/6b: a decoder over some of K cached blocks (the last ones by default, or a listed block per
+    layer, repeats allowed) equals the reference fed exactly those blocks."""
+    K = 3
+    base = tiny_cfg(num_layers=K)
+    feats, q, k = tiny_inputs(base)
+    for layers, blocks in ((1, None), (2, None), (3, (2, 2, 2)), (4, (1, 1, 2, 2))):
+        cfg = tiny_cfg(num_layers=layers, cached_blocks=K, layer_blocks=blocks)
+        expect = list(range(K - layers, K)) if blocks is None else list(blocks)
+        assert list(cfg.layer_blocks) == expect
+        model = randomize(EVLDecoder(cfg), seed=layers).double().eval()
+        ref = reference_forward(to_reference_layout(model), feats[:, expect], q[:, expect], k[:, expect], cfg.heads, cfg.grid)
+        out = model({"feats": feats, "attn": temporal_attention_maps(q, k)})
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+        assert DecoderConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_pooled_features_equal_the_reference_on_pooled_inputs():
+    """6c: temporal pooling averages frame pairs, spatial pooling 2x2 patches (CLS kept per frame);
+    the decoder on the full features equals the reference on features pooled here by hand."""
+    cfg0 = tiny_cfg(frames=4, grid=(2, 4), temporal_cross_attention=False)
+    feats, _, _ = tiny_inputs(cfg0)
+    B, K, T, L, C = feats.shape
+    by_time = torch.stack([(feats[:, :, 2 * t] + feats[:, :, 2 * t + 1]) / 2 for t in range(T // 2)], dim=2)
+    grid = feats[:, :, :, 1:].reshape(B, K, T, 2, 4, C)
+    cells = [(grid[:, :, :, 0, 2 * j] + grid[:, :, :, 0, 2 * j + 1] + grid[:, :, :, 1, 2 * j] + grid[:, :, :, 1, 2 * j + 1]) / 4
+             for j in range(2)]
+    by_space = torch.cat([feats[:, :, :, :1], torch.stack(cells, dim=3)], dim=3)
+    for pool, pooled, ref_grid in (("temporal", by_time, (2, 4)), ("spatial", by_space, (1, 2))):
+        cfg = tiny_cfg(frames=4, grid=(2, 4), temporal_cross_attention=False, pool=pool)
+        model = randomize(EVLDecoder(cfg), seed=3).double().eval()
+        assert (cfg.layer_frames, cfg.layer_grid) == ((2, (2, 4)) if pool == "temporal" else (4, (1, 2)))
+        ref = reference_forward(to_reference_layout(model), pooled, None, None, cfg.heads, ref_grid)
+        torch.testing.assert_close(model({"feats": feats}), ref, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(num_layers=2, cached_blocks=2, layer_blocks=(0, 2)), "layer_blocks"),
+    (dict(num_layers=2, cached_blocks=2, layer_blocks=(0,)), "layer_blocks"),
+    (dict(pool="temporal"), "temporal_cross_attention=false"),
+    (dict(pool="blur", temporal_cross_attention=False), "pool"),
+    (dict(pool="temporal", temporal_cross_attention=False, frames=3), "even frame count"),
+])
+def test_table6_options_refuse_what_cannot_run(kw, words):
+    with pytest.raises(UserError, match=words):
+        tiny_cfg(**kw)
+
+
+def test_store_config_picks_depth_and_blocks():
+    """`evl_decoder_config`: model.num_layers below the store's K reads the last blocks; above it
+    needs model.layer_blocks."""
+    from evl_cache.config import ModelConfig, evl_decoder_config
+
+    attrs = {"blocks": [8, 9, 10, 11], "width": 16, "heads": 2, "frames": 4, "grid": [2, 2],
+             "class_names": ["a", "b"], "attention": "maps"}
+    assert evl_decoder_config(ModelConfig(), attrs, "s").layer_blocks == (0, 1, 2, 3)
+    assert evl_decoder_config(ModelConfig(num_layers=2), attrs, "s").layer_blocks == (2, 3)
+    cfg = evl_decoder_config(ModelConfig(layer_blocks=[3, 3, 3, 3, 3, 3]), attrs, "s")
+    assert cfg.num_layers == 6 and cfg.cached_blocks == 4
+    with pytest.raises(UserError, match="model.layer_blocks"):
+        evl_decoder_config(ModelConfig(num_layers=6), attrs, "s")
