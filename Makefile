@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install test test-slow demo bench bench-gpu reproduce-table1 ablation-table8 finetune-table12 formats-table explain-demo pretrain-tiny clean
+.PHONY: install test test-slow demo bench bench-gpu reproduce-table1 ablation-table8 ablation-table6 finetune-table12 formats-table explain-demo pretrain-tiny clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ reproduce-table1: $(STAMP)
 
 ablation-table8: $(STAMP)
 	$(K400_VARS) $(PY) pipelines/ablation_table8.py $(if $(K400_ROOT),--k400)
+
+# Table 6 (decoder depth, feature maps fed, pooled features): 9 decoders in one sweep over the demo's cache.
+ablation-table6: $(STAMP)
+	$(K400_VARS) $(PY) pipelines/ablation_table6.py $(if $(K400_ROOT),--k400)
 
 # Table 12: UCF-101 / HMDB-51 fine-tuned from the K400 checkpoints, the 3 official splits and their mean
 # (results/table12.md + PNG). Without the data it says what it needs and exits 2; SMOKE=1 runs on generated videos.

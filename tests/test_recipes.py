@@ -332,3 +332,29 @@ def test_format_accuracy_smoke_has_every_row(tmp_path):
     assert size["fp8"] == size["int8"]
     again = _run("format_accuracy.py", *args)
     assert again.stdout.count("[skip]") == 1 + 4 * len(FORMATS) and "[done]" not in again.stdout
+
+
+@pytest.mark.slow
+def test_ablation_table6_from_one_cache(tmp_path):
+    cfg = load_recipe(ROOT / "configs" / "synthetic_demo.yaml")
+    cfg.pop("_path")
+    cfg["pipeline"]["synth"].update(classes="moving_left,moving_right,static_circle,static_square",
+                                  train_per_class=4, val_per_class=2)
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump(cfg))
+    _run("ablation_table6.py", "--config", str(small), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+         "--steps", "2")
+    data = json.loads((tmp_path / "out" / "table6.json").read_text())
+    tags = [r["tag"] for r in data["results"]]
+    assert tags == ["depth1", "depth2", "depth3", "depth4", "maps1", "maps2", "pool_none", "pool_time", "pool_space"]
+    assert all(0 <= r["top1"] <= 1 for r in data["results"])
+    md = (tmp_path / "out" / "table6.md").read_text()
+    assert md.count("\n| ") >= 10 and (tmp_path / "out" / "table6.png").is_file()
+    stages = json.loads((tmp_path / "work" / "stages.json").read_text())
+    assert sum(k.startswith("extract") for k in stages) == 2 and [k for k in stages if "sweep" in k] == ["table6_sweep_train"]
+    # each row's decoder read what it says: its checkpoint's config
+    for tag, (layers, blocks, pool) in {"depth1": (1, [3], "none"), "maps2": (4, [2, 2, 3, 3], "none"),
+                                        "pool_space": (4, [0, 1, 2, 3], "spatial")}.items():
+        saved = json.loads((tmp_path / "work" / "table6" / tag / "model.json").read_text())
+        dc = saved["decoder"]
+        assert (dc["num_layers"], dc["layer_blocks"], dc["pool"]) == (layers, blocks, pool), saved
