@@ -40,7 +40,8 @@ class StoreDataset(Dataset):
     store itself on first use: Zarr objects and open files are not shared across fork.
     """
 
-    def __init__(self, path: str, threads: int = READ_THREADS, pin_memory: bool = False) -> None:
+    def __init__(self, path: str, threads: int = READ_THREADS, pin_memory: bool = False,
+                 needs: Any = None) -> None:
         self.path = path
         self.threads = int(threads)  # reader threads per process (main or worker)
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()  # main-process batches land pinned
@@ -49,6 +50,9 @@ class StoreDataset(Dataset):
         self.num_videos = store.num_videos
         self.formats = StoreFormats(store.attrs, path)
         self.specs = self.formats.arrays()
+        if needs is not None:  # read only what the model reads (its head's declared needs)
+            keep = self.formats.arrays_for(needs)
+            self.specs = {name: spec for name, spec in self.specs.items() if name in keep}
         self.labels = torch.from_numpy(store.labels().astype(np.int64))
         self._store: CacheStore | None = None
         self._pid = -1
@@ -186,7 +190,7 @@ def make_loader(path: str, batch_size: int, *, train: bool, seed: int = 0, start
                 num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False,
                 items: list[int] | None = None, rank: int = 0, world_size: int = 1,
                 block: int | None = None, views: int = 0, read_threads: int = READ_THREADS,
-                ring: bool | None = None) -> DataLoader | RingLoader:
+                ring: bool | None = None, needs: Any = None) -> DataLoader | RingLoader:
     """A DataLoader yielding batched decoder dicts (``feats``, ``attn`` | ``q``/``k``, ``label``, ``video``).
 
     ``train``: endless `EpochSampler` stream from global position ``start`` in full batches (in a
@@ -201,12 +205,14 @@ def make_loader(path: str, batch_size: int, *, train: bool, seed: int = 0, start
     same batches, read by a background thread ``prefetch_factor`` batches ahead into ``prefetch_factor
     + 2`` reused batch buffers. A batch's stored arrays are then valid only until ``next()`` is called
     for the batch after the next one (``label`` and ``video`` are its own); see `evl_cache.ring`.
+
+    ``needs`` (cached tensor kinds, see `model_needs`) limits the arrays read to those; None reads all.
     """
     if ring is None:
         ring = num_workers == 0
     if ring and num_workers:
         raise ValueError("the ring loader reads in this process: use num_workers=0 with ring=True")
-    dataset = StoreDataset(path, threads=read_threads, pin_memory=pin_memory and num_workers == 0)
+    dataset = StoreDataset(path, threads=read_threads, pin_memory=pin_memory and num_workers == 0, needs=needs)
     store = dataset.store
     if train:
         sampler: Any = EpochSampler(store.done_indices(), store.num_views, seed, start, rank=rank,
@@ -221,6 +227,19 @@ def make_loader(path: str, batch_size: int, *, train: bool, seed: int = 0, start
         kwargs.update(prefetch_factor=prefetch_factor, worker_init_fn=_worker_init, persistent_workers=False)
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
                       collate_fn=collate, generator=torch.Generator(), **kwargs)
+
+
+def model_needs(cfgs: Any) -> set[str] | None:
+    """The cached tensor kinds models with these built configs read (the union of their heads'
+    declared needs), or None (read everything) when a config is unknown."""
+    from evl_cache.heads import head_of
+
+    needs: set[str] = set()
+    for cfg in cfgs:
+        if cfg is None:
+            return None
+        needs |= set(head_of(cfg).needs(cfg))
+    return needs
 
 
 def _worker_init(_: int) -> None:

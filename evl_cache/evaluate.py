@@ -75,7 +75,7 @@ def collect_view_probs(model: torch.nn.Module, store_path: str, batch_size: int 
     share of the (video, view) items and the shares are gathered in rank order, so every rank gets
     the single-process arrays (same rows in the same order).
     """
-    from evl_cache.data import eval_items, make_loader, to_device
+    from evl_cache.data import eval_items, make_loader, model_needs, to_device
 
     device = torch.device(device)
     was_training = model.training
@@ -88,7 +88,8 @@ def collect_view_probs(model: torch.nn.Module, store_path: str, batch_size: int 
         lo, hi = shard_bounds(len(every), dist.rank, dist.world_size)
         items = every[lo:hi]
     loader = make_loader(store_path, batch_size, train=False, num_workers=num_workers,
-                         pin_memory=device.type == "cuda", items=items)
+                         pin_memory=device.type == "cuda", items=items,
+                         needs=model_needs([getattr(model, "cfg", None)]))
     probs, videos = [], []
     try:
         for batch in loader:

@@ -115,6 +115,22 @@ class StoreFormats:
                 out[name] = ArraySpec((sum(_padded(spec) for _, spec in parts),), np.dtype(np.uint8), 0)
         return out
 
+    def arrays_for(self, needs: Any) -> list[str]:
+        """The stored arrays a reader fetches for these cached tensor kinds (`evl_cache.heads.NEEDS`
+        keys): a model that reads no attention (TCA off, the linear or X-CLIP heads) never pays for
+        the maps, and an emb-reading head on a full store reads its 8 KiB per view, not the blocks."""
+        wanted: set[str] = set()
+        for need in needs:
+            if need in ("blocks", "last_block"):
+                wanted |= {"feats", "prefix"}
+            elif need == "attention":
+                wanted |= {"attn", "qk", "prefix"}  # the prefix layout recomputes them from the stream
+            elif need == "emb":
+                wanted.add("emb")
+            else:
+                raise ValueError(f"unknown cached tensor kind {need!r}")
+        return [name for name in self.arrays() if name in wanted]
+
     def pack(self, parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Encoded parts, each (n, *part shape) -> stored arrays, each (n, *chunk shape)."""
         out = {}
@@ -230,14 +246,16 @@ class StoreFormats:
         attention a full store holds (float16 unless ``out_dtype``)."""
         from evl_cache.prefix import load_tail
 
-        if str(device) not in self._tails:
-            if self.store_path is None:
-                raise ValueError("a prefix-layout batch needs its store path to load the tail weights")
-            self._tails[str(device)] = load_tail(self.store_path, self.attrs, device)
-        tail = self._tails[str(device)]
-        scales = {k.removeprefix("prefix_scale_"): v for k, v in batch.items() if k.startswith("prefix_scale_")}
-        stream = decode_features(batch["prefix"], scales, self.features, tail.dtype, device)
-        out = {k: v.to(out_dtype) for k, v in tail.forward_from(stream).items()}
+        out: dict[str, torch.Tensor] = {}
+        if "prefix" in batch:  # absent when the model reads only emb (`StoreDataset` needs)
+            if str(device) not in self._tails:
+                if self.store_path is None:
+                    raise ValueError("a prefix-layout batch needs its store path to load the tail weights")
+                self._tails[str(device)] = load_tail(self.store_path, self.attrs, device)
+            tail = self._tails[str(device)]
+            scales = {k.removeprefix("prefix_scale_"): v for k, v in batch.items() if k.startswith("prefix_scale_")}
+            stream = decode_features(batch["prefix"], scales, self.features, tail.dtype, device)
+            out = {k: v.to(out_dtype) for k, v in tail.forward_from(stream).items()}
         stored = {part for layout in self.parts().values() for part, _ in layout} - {"emb"}  # emb passes through
         for key, value in batch.items():
             if key not in stored:

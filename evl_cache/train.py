@@ -704,7 +704,7 @@ def _train(specs: list[tuple[str | None, RunConfig]], out: Path, dist: Dist, dev
            until_step: int | None, progress: bool, echo: Callable[[str], None] | None) -> list[TrainSummary]:
     """`train`'s steps for one model (name None, writing ``out``) or a sweep (writing ``out/name``):
     inputs, resume states, models, run directories, one loader, the loop, final outputs."""
-    from evl_cache.data import make_loader
+    from evl_cache.data import make_loader, model_needs
 
     cfg0 = specs[0][1]
     t = cfg0.train
@@ -739,7 +739,7 @@ def _train(specs: list[tuple[str | None, RunConfig]], out: Path, dist: Dist, dev
                          num_workers=cfg0.data.num_workers, prefetch_factor=cfg0.data.prefetch_factor,
                          pin_memory=cfg0.data.pin_memory and device.type == "cuda",
                          rank=dist.rank, world_size=dist.world_size, block=micro * t.grad_accum,
-                         views=cfg0.data.train_views)
+                         views=cfg0.data.train_views, needs=model_needs(dcfgs))
     end = t.steps if until_step is None else min(t.steps, until_step)
     loop = Loop(trainees, inputs, dist, device, loader)
     seconds = loop.run(first, end, progress)

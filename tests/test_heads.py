@@ -304,3 +304,41 @@ def test_predict_runs_every_non_evl_head_online_as_from_the_cache(stores, tmp_pa
         online = predictor(stores["videos"][1])
         assert online.error is None
         np.testing.assert_allclose(online.logits.softmax(-1).numpy(), probs[vids == 1], atol=1e-4, err_msg=head)
+
+
+@pytest.mark.parametrize("head, arrays", [("linear", ["emb"]), ("xclip", ["feats", "emb"]),
+                                          ("attentive_probe", ["feats"]), ("evl", ["feats", "attn"])])
+def test_the_loader_reads_only_what_the_head_declares(stores, tmp_path, head, arrays):
+    """From a full store (blocks, maps, emb), each head's training batches carry only the arrays its
+    declared needs map to (an emb head reads 8 KiB a view, not the blocks), and training on them equals
+    training on batches that read everything."""
+    import evl_cache.data as data
+
+    seen: list[list[str]] = []
+    real = data.StoreDataset.read_into
+
+    def spy(self, items, out):
+        seen.append(sorted(out))
+        return real(self, items, out)
+
+    cfg = run_cfg(stores["full"], head, steps=3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data.StoreDataset, "read_into", spy)
+        train(cfg, tmp_path / "needs", progress=False)
+    assert seen and all(s == sorted(arrays) for s in seen), seen
+    all_arrays = sorted(data.StoreDataset(stores["full"]).specs)
+    assert all_arrays == ["attn", "emb", "feats"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "model_needs", lambda cfgs: None)  # the old behaviour: every stored array
+        train(cfg, tmp_path / "all", progress=False)
+    assert losses(tmp_path / "needs") == losses(tmp_path / "all")
+
+
+def test_evl_without_tca_skips_the_maps(stores, tmp_path):
+    import evl_cache.data as data
+
+    assert data.model_needs([None]) is None
+    ds = data.StoreDataset(stores["full"], needs={"blocks"})
+    assert sorted(ds.specs) == ["feats"]
+    batch = data.to_device(ds.__getitems__([0, 1]), torch.device("cpu"))
+    assert "attn" not in batch and batch["feats"].shape[0] == 2
