@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ablation_table8 import prepare, sweep_stage
+from ablation_table8 import add_cache_arguments, finish_cache_arguments, prepare, sweep_stage
 from common import (
     ROOT, eval_stage, fmt_s, main_guard, md_table, pct, read_metrics, rel, run_config, say, set_threads,
     split_accuracy, write_text_atomic,
@@ -134,19 +134,8 @@ def plot(out: Path, results: list[dict[str, Any]], c: dict[str, Any]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="EVL Table 6: decoder depth, feature maps and pooling from one cache")
-    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "synthetic_demo.yaml")
-    ap.add_argument("--work", type=Path, default=None, help="default runs/demo (synthetic) or runs/table1 (--k400)")
-    ap.add_argument("--out", type=Path, default=ROOT / "results")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per row (default: the recipe's)")
-    ap.add_argument("--k400", action="store_true", help="Kinetics-400 with the B/16 8-frame Table 1 recipe")
-    for var in ("K400_ROOT", "K400_ANN", "CLIP_B16"):
-        ap.add_argument(f"--{var.lower().replace('_', '-')}", dest=var.lower(), default=None, help=f"overrides ${var}")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    for var in ("clip_l14", "clip_l14_336"):
-        setattr(args, var, None)
-    args.work = args.work or ROOT / "runs" / ("table1" if args.k400 else "demo")
+    add_cache_arguments(ap)
+    args = finish_cache_arguments(ap.parse_args(argv))
     threads = set_threads(args.threads)
     began = time.perf_counter()
     c = prepare(args, threads)

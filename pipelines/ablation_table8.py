@@ -126,23 +126,32 @@ def random_baseline_cache(c: dict[str, Any], args: argparse.Namespace, threads: 
             "work": Path(c["work"]) / "random_init"}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="EVL Table 8 ablation: 8 temporal-module combinations from one cache")
+def add_cache_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of an ablation trained from one cache pair (this recipe's and Table 6's)."""
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "synthetic_demo.yaml")
     ap.add_argument("--work", type=Path, default=None, help="default runs/demo (synthetic) or runs/table1 (--k400)")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per combination (default: the recipe's)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per configuration (default: the recipe's)")
     ap.add_argument("--k400", action="store_true", help="Kinetics-400 with the B/16 8-frame Table 1 recipe")
     for var in ("K400_ROOT", "K400_ANN", "CLIP_B16"):
         ap.add_argument(f"--{var.lower().replace('_', '-')}", dest=var.lower(), default=None, help=f"overrides ${var}")
-    ap.add_argument("--no-random-baseline", dest="random_baseline", action="store_false",
-                    help="synthetic only: skip the same runs on a random-init backbone (none, each module alone, all)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    for var in ("clip_l14", "clip_l14_336"):
+
+
+def finish_cache_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    for var in ("clip_l14", "clip_l14_336"):  # prepare_row's inputs this recipe never uses
         setattr(args, var, None)
     args.work = args.work or ROOT / "runs" / ("table1" if args.k400 else "demo")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="EVL Table 8 ablation: 8 temporal-module combinations from one cache")
+    add_cache_arguments(ap)
+    ap.add_argument("--no-random-baseline", dest="random_baseline", action="store_false",
+                    help="synthetic only: skip the same runs on a random-init backbone (none, each module alone, all)")
+    args = finish_cache_arguments(ap.parse_args(argv))
     threads = set_threads(args.threads)
     began = time.perf_counter()
     c = prepare(args, threads)

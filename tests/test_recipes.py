@@ -232,14 +232,20 @@ def test_reproduce_table1_smoke_end_to_end(tmp_path):
     assert again.stdout.count("[skip]") == 1 + 4 * 7 and "[done]" not in again.stdout
 
 
-@pytest.mark.slow
-def test_ablation_table8_from_one_cache(tmp_path):
+def small_synthetic_recipe(tmp_path: Path) -> Path:
+    """The demo recipe on 4 classes x (4 train, 2 val) videos: an ablation end to end in minutes."""
     cfg = load_recipe(ROOT / "configs" / "synthetic_demo.yaml")
     cfg.pop("_path")
     cfg["pipeline"]["synth"].update(classes="moving_left,moving_right,static_circle,static_square",
                                   train_per_class=4, val_per_class=2)
     small = tmp_path / "small.yaml"
     small.write_text(yaml.safe_dump(cfg))
+    return small
+
+
+@pytest.mark.slow
+def test_ablation_table8_from_one_cache(tmp_path):
+    small = small_synthetic_recipe(tmp_path)
     p = _run("ablation_table8.py", "--config", str(small), "--work", str(tmp_path / "work"),
              "--out", str(tmp_path / "out"), "--steps", "2")
     assert p.stdout.count("extract") >= 2
@@ -336,12 +342,7 @@ def test_format_accuracy_smoke_has_every_row(tmp_path):
 
 @pytest.mark.slow
 def test_ablation_table6_from_one_cache(tmp_path):
-    cfg = load_recipe(ROOT / "configs" / "synthetic_demo.yaml")
-    cfg.pop("_path")
-    cfg["pipeline"]["synth"].update(classes="moving_left,moving_right,static_circle,static_square",
-                                  train_per_class=4, val_per_class=2)
-    small = tmp_path / "small.yaml"
-    small.write_text(yaml.safe_dump(cfg))
+    small = small_synthetic_recipe(tmp_path)
     _run("ablation_table6.py", "--config", str(small), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
          "--steps", "2")
     data = json.loads((tmp_path / "out" / "table6.json").read_text())
