@@ -2,8 +2,9 @@
 
 The store reader checks every chunk's crc32c inside its thread pool. An implementation that holds
 the GIL serialises those checks: with N threads the checks still run at one core's speed, a ceiling
-on the reader however many cores the node has. `google-crc32c` (what zarr uses) holds it; `crc32c`
-(ICRAR) releases it for buffers of 32 KiB and more. Each thread checks its own share of a buffer
+on the reader however many cores the node has. `google-crc32c` (what zarr uses) holds it for
+everything but `bytes` of 1 MiB or more (the reader passes numpy buffers); `crc32c` (ICRAR) releases
+it for any buffer of 32 KiB and more. Each thread checks its own share of a buffer
 cut into B/16 fp16 feature chunks (9.68 MB); the best of --repeats runs is printed.
 
     .venv/bin/python benchmarks/bench_crc.py --threads 1,2 --repeats 5

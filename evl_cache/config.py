@@ -91,6 +91,8 @@ class TrainConfig:
 
 # TrainConfig keys added after runs were first recorded: a resume state without them holds their default.
 LATER_TRAIN_KEYS = {"init_from": None, "pretrained_lr_mult": 1.0, "pretrained_wd_mult": 1.0}
+# The same for ModelConfig (Table 6 options): a saved config without them trained at these values.
+LATER_MODEL_KEYS = {"layer_blocks": None, "pool": "none"}
 
 
 @dataclass
@@ -304,7 +306,7 @@ def evl_decoder_config(model: ModelConfig, attrs: dict[str, Any], where: str):
     options = {f.name: getattr(model, f.name) for f in fields(model) if f.name not in skip}
     # depth: as stated, else one layer per listed block, else one per cached block (the reference)
     K = implied["cached_blocks"]
-    layers = model.num_layers or (len(model.layer_blocks) if model.layer_blocks else K)
+    layers = model.num_layers if model.num_layers is not None else (len(model.layer_blocks) if model.layer_blocks else K)
     if model.layer_blocks is None and layers > K:
         raise UserError(f"store {where} holds {K} blocks but model.num_layers={layers}; lower it, list the block each "
                         f"layer reads in model.layer_blocks, or extract more blocks (--decoder-layers)")

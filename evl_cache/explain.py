@@ -92,6 +92,9 @@ def keep_decoder_attention(model: torch.nn.Module) -> Iterator[list[Any]]:
 def decoder_attention(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (B, classes), attention (B, K, H, T, L) float32): one ordinary forward with capture on."""
     cfg = model.cfg
+    if getattr(cfg, "pool", "none") != "none":
+        raise UserError(f"the decoder pools its features (model.pool={cfg.pool!r}): its attention is over pooled "
+                        "tokens, not the frames' patches; explain a checkpoint trained without pooling")
     with keep_decoder_attention(model) as modules:
         logits = model(batch)
         maps = [m.attention for m in modules]
@@ -99,6 +102,12 @@ def decoder_attention(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
             m.attention = None
     attn = torch.stack([a[:, :, 0] for a in maps], dim=1).float()  # (B, K, H, T*L): one query token
     return logits.float(), attn.view(*attn.shape[:3], cfg.frames, cfg.num_tokens)
+
+
+def layer_blocks(model: torch.nn.Module, cached: list[int]) -> list[int]:
+    """The backbone block each decoder layer read: ``model.layer_blocks`` indexes the cached blocks
+    (Table 6 decoders read fewer, or repeated, blocks)."""
+    return [cached[b] for b in getattr(model.cfg, "layer_blocks", range(len(cached)))]
 
 
 def unnormalise(views: torch.Tensor) -> np.ndarray:
@@ -144,7 +153,7 @@ def explain_video(checkpoint: str | os.PathLike, video: str | os.PathLike, view:
     bb = predictor.backbone
     return Explanation(
         decoder_heads=attn[0].cpu().numpy(), cls=cls, frames=unnormalise(clip[0]), grid=bb.grid,
-        blocks=list(bb.blocks), last_block=bb.num_layers - 1, probs=logits.softmax(-1)[0].cpu().numpy(),
+        blocks=layer_blocks(model, list(bb.blocks)), last_block=bb.num_layers - 1, probs=logits.softmax(-1)[0].cpu().numpy(),
         class_names=predictor.class_names,
         source={"video": str(video), "view": view, "checkpoint": str(checkpoint), "path": "online"},
     )
@@ -197,7 +206,7 @@ def explain_store(checkpoint: str | os.PathLike, store_path: str, index: int, vi
         notes.append(note)
     names = store.class_names
     return Explanation(
-        decoder_heads=attn[0].cpu().numpy(), cls=cls, frames=frames, grid=tuple(attrs["grid"]), blocks=store.blocks,
+        decoder_heads=attn[0].cpu().numpy(), cls=cls, frames=frames, grid=tuple(attrs["grid"]), blocks=layer_blocks(model, list(store.blocks)),
         last_block=layers - 1, probs=logits.softmax(-1)[0].cpu().numpy(), class_names=names,
         source={"store": store_path, "index": index, "view": view, "video": path, "checkpoint": str(checkpoint),
                 "path": "store"},

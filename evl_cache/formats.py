@@ -118,7 +118,8 @@ class StoreFormats:
     def arrays_for(self, needs: Any) -> list[str]:
         """The stored arrays a reader fetches for these cached tensor kinds (`evl_cache.heads.NEEDS`
         keys): a model that reads no attention (TCA off, the linear or X-CLIP heads) never pays for
-        the maps, and an emb-reading head on a full store reads its 8 KiB per view, not the blocks."""
+        the maps, and the linear head on a full store reads only ``emb`` (T x E, 8 KiB per clip-view
+        at B/16 8f), not the blocks."""
         wanted: set[str] = set()
         for need in needs:
             if need in ("blocks", "last_block"):

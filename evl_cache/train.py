@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from evl_cache.completeness import require_complete, store_line, video_counts
 from evl_cache.config import (
-    LATER_TRAIN_KEYS, RunConfig, TrainConfig, check_store_pair, decoder_config_for_store, save_config,
+    LATER_MODEL_KEYS, LATER_TRAIN_KEYS, RunConfig, TrainConfig, check_store_pair, decoder_config_for_store, save_config,
 )
 from evl_cache.data import to_device
 from evl_cache.distributed import Dist, env_world_size, join, rank_seed
@@ -180,7 +180,7 @@ def _check_resume(saved: dict[str, Any], cfg: RunConfig, digest: str, where: Pat
         for key, value in new[section].items():
             if key in RESUMABLE_CHANGES or key in REGROUPABLE_CHANGES:
                 continue
-            was = old[section].get(key, LATER_TRAIN_KEYS.get(key) if section == "train" else None)
+            was = old[section].get(key, (LATER_TRAIN_KEYS if section == "train" else LATER_MODEL_KEYS).get(key))
             if was != value:
                 raise UserError(f"cannot resume {where}: {section}.{key} was {was!r}, now {value!r}; "
                                 f"resume with the original settings or start a new --out")

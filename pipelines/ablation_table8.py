@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from common import (
-    ROOT, Ledger, eval_stage, fmt_s, load_recipe, main_guard, md_table, pct, read_metrics, rel, run_config, say,
+    ROOT, Ledger, config_key, eval_stage, fmt_s, load_recipe, main_guard, md_table, pct, read_metrics, rel, run_config, say,
     set_threads, split_accuracy, write_text_atomic,
 )
 
@@ -83,7 +83,7 @@ def sweep_stage(ledger: Ledger, name: str, ms: list[Any], out: Path, progress: b
         return {"members": [m.name for m in ms], "seconds": summaries[0].seconds,
                 "final_loss": {m.name: s.final_loss for m, s in zip(ms, summaries)}}
 
-    return ledger.run(name, {"configs": {m.name: m.cfg.to_dict() for m in ms}, "out": str(out)}, fn,
+    return ledger.run(name, {"configs": {m.name: config_key(m.cfg) for m in ms}, "out": str(out)}, fn,
                       complete=lambda: all((out / m.name / "model.json").is_file() for m in ms), outputs=[out])
 
 

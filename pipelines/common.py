@@ -172,6 +172,8 @@ class Ledger:
         """
         key = portable_key(json.loads(json.dumps(key, sort_keys=True, default=str)))
         old = self.entries.get(name)
+        if old is not None and comparable_key(old.get("key")) == comparable_key(key):
+            old = {**old, "key": key}  # the same stage, recorded before a later option or with absolute paths
         if old is not None and old.get("key") == key and old.get("done") and complete():
             say(f"  [skip] {name}: done earlier in {old['seconds']:.1f} s")
             res = StageResult(name, float(old["seconds"]), True, old.get("info", {}))
@@ -275,8 +277,35 @@ def train_stage(ledger: Ledger, name: str, cfg: Any, out: Path, progress: bool =
         return {"steps": s.steps, "samples_per_s": s.samples_per_s, "final_loss": s.final_loss,
                 "val_top1": s.val_top1, "checkpoint": str(out / "model")}
 
-    return ledger.run(name, {"config": cfg.to_dict(), "out": str(out)}, fn,
+    return ledger.run(name, {"config": config_key(cfg), "out": str(out)}, fn,
                       complete=lambda: (out / "model.json").is_file(), outputs=[out])
+
+
+def config_key(cfg: Any) -> dict[str, Any]:
+    """A run config as a ledger key (compared by `comparable_key`)."""
+    return cfg.to_dict()
+
+
+def comparable_key(value: Any) -> Any:
+    """A ledger key as compared: checkout-relative paths (`portable_key`), and in every run config
+    (a dict with ``model`` and ``train`` sections) the options added after ledgers were first written
+    left out while at their default, so adding an option never makes finished training look stale."""
+    from evl_cache.config import LATER_MODEL_KEYS, LATER_TRAIN_KEYS
+
+    value = portable_key(value)
+
+    def strip(v: Any) -> Any:
+        if isinstance(v, list):
+            return [strip(x) for x in v]
+        if not isinstance(v, dict):
+            return v
+        out = {k: strip(x) for k, x in v.items()}
+        if isinstance(out.get("model"), dict) and isinstance(out.get("train"), dict):
+            for section, later in (("model", LATER_MODEL_KEYS), ("train", LATER_TRAIN_KEYS)):
+                out[section] = {k: x for k, x in out[section].items() if not (k in later and x == later[k])}
+        return out
+
+    return strip(value)
 
 
 def eval_stage(ledger: Ledger, name: str, checkpoint: Path, store: Path, out: Path) -> StageResult:

@@ -332,3 +332,28 @@ def test_store_config_picks_depth_and_blocks():
     assert cfg.num_layers == 6 and cfg.cached_blocks == 4
     with pytest.raises(UserError, match="model.layer_blocks"):
         evl_decoder_config(ModelConfig(num_layers=6), attrs, "s")
+
+
+def test_table6_options_are_refused_on_other_heads_and_resume_old_runs():
+    from evl_cache.config import LATER_MODEL_KEYS, ModelConfig
+    from evl_cache.heads import check_options, get_head
+
+    with pytest.raises(UserError, match="model.pool applies to the evl head"):
+        check_options(ModelConfig(head="linear", pool="temporal"), get_head("linear"))
+    check_options(ModelConfig(layer_blocks=[0]), get_head("evl"))
+    assert LATER_MODEL_KEYS == {"layer_blocks": ModelConfig().layer_blocks, "pool": ModelConfig().pool}
+    from evl_cache.config import evl_decoder_config
+
+    attrs = {"blocks": [1, 2], "width": 16, "heads": 2, "frames": 4, "grid": [2, 2], "class_names": ["a"], "attention": "maps"}
+    with pytest.raises(UserError, match="num_layers=0"):
+        evl_decoder_config(ModelConfig(num_layers=0), attrs, "s")
+    # a run saved before the Table 6 options existed resumes (they were trained at their defaults)
+    from pathlib import Path
+
+    from evl_cache.config import RunConfig
+    from evl_cache.train import _check_resume
+
+    cfg = RunConfig()
+    saved = {"config": cfg.to_dict(), "items_digest": "d"}
+    del saved["config"]["model"]["pool"], saved["config"]["model"]["layer_blocks"]
+    _check_resume(saved, cfg, "d", Path("run"))

@@ -223,3 +223,28 @@ def test_explain_demo_measures_attention_on_the_object():
     skewed = np.array([[0, 0.9, 0.1, 0, 0], [0, 0.01, 0.01, 0.01, 0.01]])  # per frame: 0.9 and 0.25
     assert on_object_share(skewed, mask, per_frame=True) == pytest.approx((0.9 + 0.25) / 2)
     assert on_object_share(skewed, mask, per_frame=False) == pytest.approx((0.9 + 0.01) / 1.04)
+
+
+def test_a_table6_decoder_is_explained_per_layer_and_a_pooled_one_refused(env, tmp_path):
+    """A decoder reading fewer or repeated cached blocks (`model.layer_blocks`) gets one row per layer,
+    labelled with the block it read; a pooled one attends over pooled tokens and is refused in one line."""
+    from evl_cache.config import ModelConfig, decoder_config_for_store
+    from evl_cache.decoder import EVLDecoder
+    from evl_cache.errors import UserError
+    from evl_cache.explain import summary_lines
+
+    store = env["maps"]["store"]
+    attrs = open_store(store).attrs
+    for model_cfg, rows in ((ModelConfig(num_layers=1), [attrs["blocks"][-1]]),
+                            (ModelConfig(layer_blocks=[1, 1, 0]), [attrs["blocks"][1]] * 2 + [attrs["blocks"][0]])):
+        model = EVLDecoder(decoder_config_for_store(model_cfg, attrs, store)).eval()
+        ck = save_checkpoint(tmp_path / f"ck{len(rows)}" / "model", model, checkpoint_meta(attrs, attrs, store, 0))
+        exp = explain_store(ck, store, 0, view=0, device="cpu")
+        assert exp.blocks == rows and exp.decoder.shape[0] == len(rows)
+        lines = summary_lines(exp)
+        assert [ln.split(":")[0] for ln in lines if ln.startswith("decoder layer")] == [
+            f"decoder layer {i + 1} (block {b})" for i, b in enumerate(rows)]
+    pooled = EVLDecoder(decoder_config_for_store(ModelConfig(pool="spatial", temporal_cross_attention=False), attrs, store))
+    ck = save_checkpoint(tmp_path / "pooled" / "model", pooled, checkpoint_meta(attrs, attrs, store, 0))
+    with pytest.raises(UserError, match="pools its features"):
+        explain_store(ck, store, 0, view=0, device="cpu")

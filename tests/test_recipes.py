@@ -359,3 +359,25 @@ def test_ablation_table6_from_one_cache(tmp_path):
         saved = json.loads((tmp_path / "work" / "table6" / tag / "model.json").read_text())
         dc = saved["decoder"]
         assert (dc["num_layers"], dc["layer_blocks"], dc["pool"]) == (layers, blocks, pool), saved
+
+
+def test_ledger_ignores_later_options_at_their_default(tmp_path):
+    """A train stage recorded before model.pool/layer_blocks existed (or with absolute checkout paths)
+    is still done: its output is not removed and retrained."""
+    from common import ROOT, comparable_key
+
+    from evl_cache.config import RunConfig
+
+    new = {"config": RunConfig().to_dict(), "out": "runs/x/train"}
+    old = json.loads(json.dumps(new))
+    del old["config"]["model"]["pool"], old["config"]["model"]["layer_blocks"]
+    old["out"] = str(ROOT / "runs" / "x" / "train")
+    assert comparable_key(old) == comparable_key(new)
+    changed = json.loads(json.dumps(new))
+    changed["config"]["model"]["pool"] = "temporal"
+    assert comparable_key(old) != comparable_key(changed)
+    (tmp_path / "stages.json").write_text(json.dumps({"train": {"key": old, "done": True, "seconds": 5.0, "info": {}}}))
+    out = tmp_path / "out"
+    out.mkdir()
+    res = Ledger(tmp_path).run("train", new, lambda: {}, complete=out.is_dir, outputs=[out])
+    assert res.skipped and out.is_dir()

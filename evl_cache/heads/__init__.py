@@ -133,6 +133,9 @@ def check_options(model: Any, spec: HeadSpec) -> None:
         owners = {k: [n for n, s in REGISTRY.items() if k in s.options] for k in stray}
         raise UserError(f"model.{stray[0]} applies to the {' / '.join(owners[stray[0]])} head, not model.head={spec.name}; "
                         f"remove it or change model.head")
+    evl_only = [k for k, off in (("layer_blocks", None), ("pool", "none")) if getattr(model, k, off) != off]
+    if evl_only and spec.name != "evl":
+        raise UserError(f"model.{evl_only[0]} applies to the evl head, not model.head={spec.name}; remove it or change model.head")
 
 
 def head_config_for_store(model: Any, attrs: dict[str, Any], where: str) -> Any:
