@@ -346,6 +346,11 @@ def eval_(
                      "--classes": classes, "--templates": templates, "--views": views, "--precision": precision,
                      "--trust-torchscript": trust_torchscript or None}
     if xclip_release is not None:
+        store_only = {"--workers": workers or None, "--allow-partial": allow_partial or None,
+                      "--storage-options": storage_options}
+        given = [flag for flag, value in store_only.items() if value is not None]
+        if given:
+            raise UserError(f"{given[0]} applies to evaluating a --store; --xclip-release decodes the videos itself")
         _eval_release(xclip_release, checkpoint, store, out, dataset, root, annotations, split, classes, templates,
                       views, precision, trust_torchscript, device, batch)
         return
@@ -539,7 +544,8 @@ def predict(
     else:
         given = [flag for flag, value in zs_only.items() if value is not None]
         if given:
-            raise UserError(f"{given[0]} applies to --zero-shot only; add --zero-shot or drop it")
+            also = " or --xclip-release FILE" if given[0] in ("--classes", "--templates", "--views") else ""
+            raise UserError(f"{given[0]} applies to --zero-shot{also} only; add it or drop {given[0]}")
         if checkpoint is None:
             raise UserError("predict needs --checkpoint (a model written by train), --zero-shot --classes FILE, "
                             "or --xclip-release FILE --classes FILE")

@@ -540,6 +540,9 @@ def test_cli_refusals_are_one_line(small, videos, tmp_path, monkeypatch, capsys)
         "not on --store": ["eval", "--xclip-release", small["path"], "--store", "s", "--dataset", "list"],
         "--dataset applies to --xclip-release only": ["eval", "--checkpoint", "m", "--store", "s", "--dataset", "list"],
         "eval needs --checkpoint and --store": ["eval", "--store", "s"],
+        "--workers applies to evaluating a --store": ["eval", "--xclip-release", small["path"], "--dataset", "list",
+                                                      "--workers", "2"],
+        "--classes applies to --zero-shot or --xclip-release FILE only": ["predict", "--classes", c, v],
     }
     for needle, args in cases.items():
         code, _, err = run_cli(monkeypatch, capsys, *args, "--device", "cpu")
