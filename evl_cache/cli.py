@@ -314,10 +314,22 @@ def train(
 
 @app.command("eval")
 def eval_(
-    checkpoint: Path = typer.Option(..., help="Checkpoint written by train (NAME, NAME.json or NAME.safetensors)."),
-    store: str = typer.Option(..., help="Cache store with the evaluation views."),
+    checkpoint: Path = typer.Option(None, help="Checkpoint written by train (NAME, NAME.json or NAME.safetensors)."),
+    store: str = typer.Option(None, help="Cache store with the evaluation views."),
     out: Path = typer.Option(None, help="Write metrics.json, predictions.csv and confusion_matrix.png here."),
-    batch: int = typer.Option(64, help="Clip-views per decoder forward."),
+    xclip_release: Path = typer.Option(None, "--xclip-release", help="Evaluate a released X-CLIP checkpoint online on "
+                                                                     "--dataset (videos decoded, no store); the class names are the prompts."),
+    dataset: str = typer.Option(None, help="With --xclip-release: manifest adapter (k400, ucf101, hmdb51, list, ...)."),
+    root: Path = typer.Option(None, help="With --xclip-release: dataset root folder."),
+    annotations: Path = typer.Option(None, help="With --xclip-release: annotation file (as in extract)."),
+    split: str = typer.Option(None, help="With --xclip-release: split name (default val)."),
+    classes: Path = typer.Option(None, help="With --xclip-release: class names, one per line (k400/k600/k700/list)."),
+    templates: str = typer.Option(None, help="With --xclip-release: prompt templates (default xclip, the bare class name)."),
+    views: str = typer.Option(None, help="With --xclip-release: eval (1x1) or eval:TxS (X-CLIP's published test: eval:4x3)."),
+    precision: str = typer.Option(None, help="With --xclip-release: fp32, fp16, bf16 or auto (fp16 on GPU, fp32 on CPU)."),
+    trust_torchscript: bool = typer.Option(False, help="With --xclip-release: load a TorchScript file (code)."),
+    batch: int = typer.Option(None, help="Clip-views per decoder forward (default 64; with --xclip-release: per model "
+                                         "forward, default 4)."),
     workers: int = typer.Option(0, help="DataLoader worker processes."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
     allow_partial: bool = typer.Option(False, "--allow-partial",
@@ -330,11 +342,30 @@ def eval_(
 
     from evl_cache.location import use_options_file
 
+    release_flags = {"--dataset": dataset, "--root": root, "--annotations": annotations, "--split": split,
+                     "--classes": classes, "--templates": templates, "--views": views, "--precision": precision,
+                     "--trust-torchscript": trust_torchscript or None}
+    if xclip_release is not None:
+        store_only = {"--workers": workers or None, "--allow-partial": allow_partial or None,
+                      "--storage-options": storage_options}
+        given = [flag for flag, value in store_only.items() if value is not None]
+        if given:
+            raise UserError(f"{given[0]} applies to evaluating a --store; --xclip-release decodes the videos itself")
+        _eval_release(xclip_release, checkpoint, store, out, dataset, root, annotations, split, classes, templates,
+                      views, precision, trust_torchscript, device, batch)
+        return
+    given = [flag for flag, value in release_flags.items() if value is not None]
+    if given:
+        raise UserError(f"{given[0]} applies to --xclip-release only (a checkpoint is evaluated on a --store)")
+    if checkpoint is None or store is None:
+        raise UserError("eval needs --checkpoint and --store (a model written by train and a cache store), "
+                        "or --xclip-release FILE --dataset D to evaluate a released X-CLIP model online")
+
     use_options_file(storage_options)
     from evl_cache.completeness import counts_text
     from evl_cache.evaluate import evaluate
 
-    m = evaluate(checkpoint, store, out, batch_size=batch, device=device, num_workers=workers, allow_partial=allow_partial)
+    m = evaluate(checkpoint, store, out, batch_size=batch or 64, device=device, num_workers=workers, allow_partial=allow_partial)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         return
     mean_class = m["mean_class_accuracy"]
@@ -344,6 +375,33 @@ def eval_(
                else f"{m['videos']} labelled videos: no accuracy to report {counts}")
     if out is not None:
         typer.echo(f"wrote {out}/metrics.json, predictions.csv, confusion_matrix.png")
+
+
+def _eval_release(release: Path, checkpoint: Path | None, store: str | None, out: Path | None, dataset: str | None,
+                  root: Path | None, annotations: Path | None, split: str | None, classes: Path | None,
+                  templates: str | None, views: str | None, precision: str | None, trust_torchscript: bool,
+                  device: str | None, batch: int | None) -> None:
+    """`eval --xclip-release`: a released X-CLIP model on a dataset manifest, decoding every video."""
+    if checkpoint is not None or store is not None:
+        raise UserError("--xclip-release is evaluated online on --dataset, not on --store / --checkpoint; drop those")
+    if not dataset:
+        raise UserError("--xclip-release needs --dataset (k400, ucf101, hmdb51, list, ...) with --root and its annotations")
+    from evl_cache.datasets import load_manifest
+    from evl_cache.xclip_release import evaluate_release
+
+    extra = {"classes": str(classes)} if classes else {}
+    manifest = load_manifest(dataset, str(root or "."), split or "val",
+                             annotations=str(annotations) if annotations else None, **extra)
+    m = evaluate_release(release, manifest, out, templates=templates, views=views, device=device, precision=precision,
+                         trust_torchscript=trust_torchscript, batch_size=batch or 4)
+    failed = m["dataset"]["failed"]
+    line = (f"{m['videos']} videos x {m['views']} views: top-1 {100 * m['top1']:.2f}%  top-{m['topk']} "
+            f"{100 * m['top5']:.2f}%  mean class {100 * m['mean_class_accuracy']:.2f}%" if m["top1"] is not None
+            else f"{m['videos']} labelled videos: no accuracy to report")
+    typer.echo(f"{line} (X-CLIP release {Path(release).name}, {m['dataset']['videos']} listed, {failed} undecodable, "
+               f"{len(m['per_class'])} classes)")
+    if out is not None:
+        typer.echo(f"wrote {out}/metrics.json, predictions.csv, scores.npz, confusion_matrix.png")
 
 
 @app.command()
@@ -421,17 +479,21 @@ def derive_emb(
 def predict(
     video: Path = typer.Argument(..., help="A video file or a folder of videos."),
     checkpoint: Path = typer.Option(None, help="Checkpoint written by train (not with --zero-shot)."),
+    xclip_release: Path = typer.Option(None, "--xclip-release", help="A released X-CLIP checkpoint (.pth or .safetensors): "
+                                                                     "zero-shot on --classes with the full model (CCT, MIT, prompts)."),
     zero_shot: bool = typer.Option(False, "--zero-shot", help="CLIP zero-shot against --classes instead of a checkpoint; "
                                                              "the backbone and views come from --arch/--weights/--frames/... as in extract."),
-    classes: Path = typer.Option(None, help="With --zero-shot: class names, one per line."),
-    templates: str = typer.Option(None, help="With --zero-shot: prompt templates, a built-in name or a file (default clip-kinetics700)."),
+    classes: Path = typer.Option(None, help="With --zero-shot or --xclip-release: class names, one per line."),
+    templates: str = typer.Option(None, help="With --zero-shot or --xclip-release: prompt templates, a built-in name or a file "
+                                             "(default clip-kinetics700; xclip, the bare class name, with --xclip-release)."),
     arch: str = typer.Option(None, help="With --zero-shot: open_clip model name or config JSON (default ViT-B-16)."),
     seed: int = typer.Option(None, help="With --zero-shot and --weights random: the seed."),
     quick_gelu: bool = typer.Option(None, "--quick-gelu/--no-quick-gelu", help="With --zero-shot: QuickGELU or GELU."),
     sampling: str = typer.Option(None, help="With --zero-shot: dense or segment (default dense)."),
     frames: int = typer.Option(None, help="With --zero-shot: frames per clip (default 8)."),
     stride: int = typer.Option(None, help="With --zero-shot: frame stride for dense sampling (default 16)."),
-    views: str = typer.Option(None, help="With --zero-shot: eval (the recipe grid) or eval:TxS."),
+    views: str = typer.Option(None, help="With --zero-shot: eval (the recipe grid) or eval:TxS; with --xclip-release: "
+                                         "eval (X-CLIP's 1x1) or eval:TxS (its published test is eval:4x3)."),
     text_cache: Path = typer.Option(None, help="With --zero-shot: folder of cached class text embeddings."),
     weights: str = typer.Option(None, help="CLIP weights file, overriding the path recorded in the checkpoint "
                                            "(with --zero-shot: the CLIP weights, text tower included)."),
@@ -448,7 +510,22 @@ def predict(
 
     zs_only = {"--classes": classes, "--templates": templates, "--arch": arch, "--seed": seed, "--quick-gelu": quick_gelu,
                "--sampling": sampling, "--frames": frames, "--stride": stride, "--views": views, "--text-cache": text_cache}
-    if zero_shot:
+    if xclip_release is not None:
+        if checkpoint is not None or zero_shot:
+            raise UserError("--xclip-release runs a released X-CLIP model on its own; drop --checkpoint / --zero-shot")
+        if classes is None:
+            raise UserError("--xclip-release needs --classes FILE (class names, one per line; the prompts are the names)")
+        others = {k: v for k, v in zs_only.items() if k not in ("--classes", "--templates", "--views")}
+        others.update({"--weights": weights, "--force": force or None})
+        given = [flag for flag, value in others.items() if value is not None]
+        if given:
+            raise UserError(f"{given[0]} does not apply to --xclip-release: the release file fixes the model, its frames "
+                            f"and its preprocessing; drop {given[0]}")
+        from evl_cache.xclip_release import predict_release
+
+        preds = predict_release(xclip_release, video, str(classes), templates, views, device=device, topk=topk,
+                                precision=precision, trust_torchscript=trust_torchscript)
+    elif zero_shot:
         if checkpoint is not None:
             raise UserError("--zero-shot classifies with CLIP's text tower, not a checkpoint; drop --checkpoint or --zero-shot")
         if classes is None:
@@ -467,9 +544,11 @@ def predict(
     else:
         given = [flag for flag, value in zs_only.items() if value is not None]
         if given:
-            raise UserError(f"{given[0]} applies to --zero-shot only; add --zero-shot or drop it")
+            also = " or --xclip-release FILE" if given[0] in ("--classes", "--templates", "--views") else ""
+            raise UserError(f"{given[0]} applies to --zero-shot{also} only; add it or drop {given[0]}")
         if checkpoint is None:
-            raise UserError("predict needs --checkpoint (a model written by train), or --zero-shot --classes FILE")
+            raise UserError("predict needs --checkpoint (a model written by train), --zero-shot --classes FILE, "
+                            "or --xclip-release FILE --classes FILE")
         preds = run_predict(checkpoint, video, weights_override=weights, device=device, topk=topk, force=force,
                             precision=precision, trust_torchscript=trust_torchscript)
     render(preds)
