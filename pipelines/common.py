@@ -101,6 +101,7 @@ class ExtractPlan:
     min_frames: int | None = None
     compressor: str | None = None
     num_cpus: int | None = None
+    emb: bool = False  # also store per-frame CLIP embeddings (`extract --emb`)
 
     def config(self):
         from evl_cache.extract import ExtractConfig
@@ -108,7 +109,11 @@ class ExtractPlan:
         return ExtractConfig.from_settings(self.__dict__)
 
     def key(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """The ledger key; ``emb`` only when set, so stores extracted before it existed stay current."""
+        key = dict(self.__dict__)
+        if not key["emb"]:
+            del key["emb"]
+        return key
 
 
 def extract_plan(recipe: dict[str, Any], views: str, **values: Any) -> ExtractPlan:

@@ -332,3 +332,23 @@ def test_format_accuracy_smoke_has_every_row(tmp_path):
     assert size["fp8"] == size["int8"]
     again = _run("format_accuracy.py", *args)
     assert again.stdout.count("[skip]") == 1 + 4 * len(FORMATS) and "[done]" not in again.stdout
+
+
+@pytest.mark.slow
+def test_fewshot_smoke_extracts_one_store_pair_for_every_head(tmp_path):
+    """`make fewshot-table SMOKE=1`: the demo config's tiny ViT has no text tower, so the smoke swaps in a
+    random tiny CLIP with both; one store pair with emb serves the X-CLIP, text-initialised linear and EVL heads."""
+    from evl_cache.store import open_store
+
+    args = ("--smoke", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))
+    p = _run("fewshot.py", *args, timeout=1500)
+    assert "RANDOM tiny CLIP" in p.stdout
+    data = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert data["smoke"] and not data["unavailable"] and data["zeroshot"] is not None
+    assert [(r["head"], r["k"]) for r in data["rows"]] == [(h, k) for h in ("xclip", "linear_text", "evl") for k in (1, 2)]
+    classes = data["classes"]
+    for r in data["rows"]:
+        assert r["videos"] == classes * r["k"] and r["eval_videos"] == classes  # SMOKE: 1 eval video per class
+    store = open_store(str(tmp_path / "work" / "cache" / "train.zarr"))
+    assert store.attrs["emb"] and store.attrs["attention"] == "maps" and len(store.attrs["blocks"]) == 4
+    assert (tmp_path / "out" / "top1_vs_k.png").stat().st_size > 5_000
