@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install test test-slow demo bench bench-gpu reproduce-table1 ablation-table8 ablation-table6 finetune-table12 formats-table explain-demo pretrain-tiny clean
+.PHONY: install test test-slow demo bench bench-gpu reproduce-table1 ablation-table8 ablation-table6 finetune-table12 formats-table explain-demo fewshot-table pretrain-tiny clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,12 @@ formats-table: $(STAMP)
 # Figure 4 on the synthetic benchmark: where the demo decoder's query attends (needs `make demo` first).
 explain-demo: $(STAMP)
 	$(PY) pipelines/explain_synthetic.py
+
+# Few-shot (issue 11): top-1 against K videos per class for the X-CLIP, text-initialised linear and EVL heads,
+# from one store pair (results/fewshot/table.md + top1_vs_k.png). SMOKE=1 runs it at toy size;
+# FEWSHOT_ARGS passes flags, e.g. FEWSHOT_ARGS="--config C --shots 2,4 --train-store S --val-store V".
+fewshot-table: $(STAMP)
+	$(PY) pipelines/fewshot.py $(SMOKE_FLAG) $(FEWSHOT_ARGS)
 
 # The step-based command recorded in evl_cache/assets/tiny_vit/PRETRAIN.md (reproduces the committed weights' schedule).
 PRETRAIN_ARGS ?= --seed 0 --steps 4036 --batch 48 --lr 0.002 --attn-weight 0.5 --obj-weight 4.0

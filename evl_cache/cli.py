@@ -258,6 +258,11 @@ def train(
     sweep: Path = typer.Option(None, help="YAML with a 'sweep:' list of named model:/train: overrides: train them all in "
                                           "one pass over the store, into OUT/<name>/ (a 'sweep:' section in --config works too)."),
     init_from: str = typer.Option(None, help="Start from every matching weight of this checkpoint (train.init_from)."),
+    few_shot: int = typer.Option(None, "--few-shot", help="Train on K done videos per class of the train store "
+                                                          "(data.few_shot; validation and eval use every video)."),
+    few_shot_seed: int = typer.Option(None, "--few-shot-seed", help="Seed of the few-shot draw (data.few_shot_seed)."),
+    few_shot_allow_short: bool = typer.Option(False, "--few-shot-allow-short",
+                                              help="Use all the videos of a class with fewer than K (data.few_shot_allow_short)."),
     storage_options: Path = typer.Option(None, "--storage-options", help="JSON/YAML file of fsspec options for a URL store "
                                                                           "(s3://...); credentials also come from AWS_* variables."),
 ) -> None:
@@ -275,6 +280,11 @@ def train(
     # --init-from joins the overrides before the config is validated: a fine-tuning recipe's
     # pretrained_lr_mult is refused without init_from (configs/ucf101_*.yaml)
     init_override = [f"train.init_from={json.dumps(init_from)}"] if init_from else []
+    # the few-shot flags join the overrides too: the config refuses a seed without K
+    for key, value in (("few_shot", few_shot), ("few_shot_seed", few_shot_seed),
+                       ("few_shot_allow_short", True if few_shot_allow_short else None)):
+        if value is not None:
+            init_override.append(f"data.{key}={json.dumps(value)}")
     cfg = load_config(config, list(set_ or []) + init_override)
     for section, key, value in (("data", "train_store", train_store), ("data", "val_store", val_store),
                                 ("train", "steps", steps), ("train", "batch_size", batch), ("train", "lr", lr),

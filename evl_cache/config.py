@@ -54,9 +54,12 @@ class ModelConfig:
     mit_layers: int | None = None  # xclip: MIT blocks (X-CLIP's default 1)
     prompt_layers: int | None = None  # xclip: prompt-generator layers (X-CLIP's default 2)
     prompt_alpha: float | None = None  # xclip: initial prompt scale alpha (X-CLIP's default 0.1)
-    text_templates: str | None = None  # xclip: template set name or file (default "xclip": the bare class name)
-    text_weights: str | None = None  # xclip: CLIP weights for the text tower (default: the store's recorded weights)
+    text_templates: str | None = None  # xclip / linear (text init): template set name or file (xclip's default "xclip")
+    text_weights: str | None = None  # xclip / linear (text init): CLIP weights for the text tower (default: the store's)
     linear_norm: bool | None = None  # linear: L2-normalise frame and video embeddings (default true)
+    # linear: "default" (PyTorch's init) or "text": start from CLIP's zero-shot classifier (logit scale x unit
+    # class text embeddings, bias 0), with model.text_templates (default clip-kinetics700) and model.text_weights
+    linear_init: str | None = None
 
 
 @dataclass
@@ -92,7 +95,9 @@ class TrainConfig:
 # TrainConfig keys added after runs were first recorded: a resume state without them holds their default.
 LATER_TRAIN_KEYS = {"init_from": None, "pretrained_lr_mult": 1.0, "pretrained_wd_mult": 1.0}
 # The same for ModelConfig (Table 6 options): a saved config without them trained at these values.
-LATER_MODEL_KEYS = {"layer_blocks": None, "pool": "none"}
+LATER_MODEL_KEYS = {"layer_blocks": None, "pool": "none", "linear_init": None}
+# And for DataConfig (few-shot): recipes' ledgers compare run configs without them at these values.
+LATER_DATA_KEYS = {"few_shot": 0, "few_shot_seed": 0, "few_shot_allow_short": False}
 
 
 @dataclass
@@ -106,6 +111,11 @@ class DataConfig:
     pin_memory: bool = True
     allow_partial: bool = False  # use a store whose extraction has pending videos (see completeness.py)
     train_views: int = 0  # train on the first N cached views of each video only (0: all): a V-view cache from a larger one
+    # Few-shot (evl_cache/fewshot.py): train on K done videos per class drawn with few_shot_seed (0: every video);
+    # a class with fewer than K is refused unless few_shot_allow_short (then all of its videos are used).
+    few_shot: int = 0
+    few_shot_seed: int = 0
+    few_shot_allow_short: bool = False
 
 
 @dataclass
@@ -160,6 +170,11 @@ class RunConfig:
             problems.append(f"model.head={self.model.head!r} must be one of {HEADS}")
         if self.data.num_workers < 0:
             problems.append("data.num_workers must be >= 0")
+        if self.data.few_shot < 0:
+            problems.append(f"data.few_shot={self.data.few_shot} must be >= 0 (0: train on every video)")
+        elif not self.data.few_shot and (self.data.few_shot_seed or self.data.few_shot_allow_short):
+            problems.append("data.few_shot_seed and data.few_shot_allow_short apply to a few-shot run; set data.few_shot "
+                            "(--few-shot K) or drop them")
         if problems:
             raise UserError(f"bad {where}: " + "; ".join(problems))
         return self

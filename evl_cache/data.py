@@ -190,13 +190,16 @@ def make_loader(path: str, batch_size: int, *, train: bool, seed: int = 0, start
                 num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False,
                 items: list[int] | None = None, rank: int = 0, world_size: int = 1,
                 block: int | None = None, views: int = 0, read_threads: int = READ_THREADS,
-                ring: bool | None = None, needs: Any = None) -> DataLoader | RingLoader:
+                ring: bool | None = None, needs: Any = None,
+                videos: np.ndarray | None = None) -> DataLoader | RingLoader:
     """A DataLoader yielding batched decoder dicts (``feats``, ``attn`` | ``q``/``k``, ``label``, ``video``).
 
     ``train``: endless `EpochSampler` stream from global position ``start`` in full batches (in a
     data-parallel run, this rank's blocks of ``block`` items, default ``batch_size``); otherwise the
     given ``items`` (default: `eval_items`) once, last batch partial. ``views`` > 0 trains on the
-    first ``views`` cached views of every video only (with all of them, the same stream). The loader
+    first ``views`` cached views of every video only (with all of them, the same stream). ``videos``
+    restricts training to those store indices (a few-shot subset, `evl_cache.fewshot`; default every
+    done video); batches stay full, the stream running on into the next epoch. The loader
     gets its own generator so creating it never draws from the global torch RNG (exact resume). Each
     process that reads (the main one, or each worker) reads a batch with a pool of ``read_threads``
     threads; with ``pin_memory`` on CUDA and no workers, batches are read straight into pinned memory.
@@ -215,7 +218,8 @@ def make_loader(path: str, batch_size: int, *, train: bool, seed: int = 0, start
     dataset = StoreDataset(path, threads=read_threads, pin_memory=pin_memory and num_workers == 0, needs=needs)
     store = dataset.store
     if train:
-        sampler: Any = EpochSampler(store.done_indices(), store.num_views, seed, start, rank=rank,
+        pool = store.done_indices() if videos is None else videos
+        sampler: Any = EpochSampler(pool, store.num_views, seed, start, rank=rank,
                                     world_size=world_size, block=block or batch_size, use_views=views)
         batches = BatchSampler(sampler, batch_size, drop_last=True)
     else:

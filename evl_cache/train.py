@@ -159,10 +159,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------- resume state
 
 
-def _items_digest(store: Any) -> str:
-    """Identity of what the sampler draws from: the done videos and the view count."""
-    done = store.done_indices().astype(np.int64)
-    return hashlib.sha256(done.tobytes() + str(store.num_views).encode()).hexdigest()
+def _items_digest(videos: np.ndarray, num_views: int) -> str:
+    """Identity of what the sampler draws from: the videos (every done one, or a few-shot subset) and
+    the view count."""
+    return hashlib.sha256(np.asarray(videos, dtype=np.int64).tobytes() + str(num_views).encode()).hexdigest()
 
 
 def _load_state(path: Path) -> dict[str, Any]:
@@ -185,8 +185,9 @@ def _check_resume(saved: dict[str, Any], cfg: RunConfig, digest: str, where: Pat
                 raise UserError(f"cannot resume {where}: {section}.{key} was {was!r}, now {value!r}; "
                                 f"resume with the original settings or start a new --out")
     if saved["items_digest"] != digest:
-        raise UserError(f"cannot resume {where}: the train store's done videos or views changed since the run started; "
-                        f"resume on the same store or start a new --out")
+        raise UserError(f"cannot resume {where}: the videos the run trains on (the train store's done videos, or the "
+                        f"few-shot draw of data.few_shot / few_shot_seed) or its views changed since the run started; "
+                        f"resume on the same store and settings or start a new --out")
 
 
 def _write_atomic(path: Path, obj: Any) -> None:
@@ -222,6 +223,8 @@ class Inputs:
     num_done: int  # videos one epoch visits
     digest: str  # `_items_digest` of the train store, pinned by resume
     dcfg: Any  # the DecoderConfig the train store implies
+    videos: np.ndarray | None = None  # what the sampler draws from: the done videos, or a few-shot subset
+    few_shot: Any = None  # the `evl_cache.fewshot.FewShot` draw (data.few_shot), else None
 
 
 def open_inputs(cfg: RunConfig) -> Inputs:
@@ -255,7 +258,15 @@ def open_inputs(cfg: RunConfig) -> Inputs:
     if labels.min() < 0 or labels.max() >= dcfg.num_classes:
         raise UserError(f"store {cfg.data.train_store} has unlabelled or out-of-range labels "
                         f"({int(labels.min())}..{int(labels.max())} for {dcfg.num_classes} classes); train on a labelled split")
-    return Inputs(attrs, val_attrs, val_labels, counts, len(done), _items_digest(store), dcfg)
+    subset = None
+    if cfg.data.few_shot:
+        from evl_cache.fewshot import draw
+
+        subset = draw(done, labels, list(attrs["class_names"]), cfg.data.few_shot, cfg.data.few_shot_seed,
+                      cfg.data.few_shot_allow_short, cfg.data.train_store)
+        done = subset.videos
+    return Inputs(attrs, val_attrs, val_labels, counts, len(done), _items_digest(done, store.num_views), dcfg,
+                  done, subset)
 
 
 def split_batch(t: TrainConfig, world_size: int) -> int:
@@ -507,7 +518,11 @@ class Loop:
         self.t = trainees[0].t  # batch_size, grad_accum and steps are shared (evl_cache.sweep)
 
     def meta(self, m: Trainee, step: int) -> dict[str, Any]:
-        return checkpoint_meta(self.inputs.attrs, self.inputs.val_attrs, m.cfg.data.train_store, step)
+        meta = checkpoint_meta(self.inputs.attrs, self.inputs.val_attrs, m.cfg.data.train_store, step)
+        fs = self.inputs.few_shot
+        if fs is not None:  # the checkpoint says it saw K videos per class, not the whole store
+            meta["trained"]["few_shot"] = {"k": fs.k, "seed": fs.seed, "videos": int(len(fs.videos))}
+        return meta
 
     def train_step(self, it: Any, active: list[Trainee]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """One optimizer step of each active model over this rank's share of a global batch:
@@ -718,6 +733,10 @@ def _train(specs: list[tuple[str | None, RunConfig]], out: Path, dist: Dist, dev
     say = echo if echo is not None and dist.main else (lambda _: None)
     for line in _store_lines(cfg0, inputs):
         say(line)
+    if inputs.few_shot is not None:
+        fs = inputs.few_shot
+        say(f"few-shot: {len(fs.videos)} videos, {fs.k} per class (seed {fs.seed})"
+            + (f"; {len(fs.short)} class(es) with fewer (allowed)" if fs.short else ""))
     trainees = []
     for (name, c), d, dcfg, s in zip(specs, dirs, dcfgs, saved):
         amp = resolve_amp(c.train.amp, device)
@@ -728,6 +747,10 @@ def _train(specs: list[tuple[str | None, RunConfig]], out: Path, dist: Dist, dev
                 say(f"{name}: {line}" if name else line)
         run = RunDir(d, enabled=dist.main)
         run.begin(c, start, s is not None)
+        if inputs.few_shot is not None and dist.main:
+            from evl_cache.fewshot import write as write_few_shot
+
+            write_few_shot(d, inputs.few_shot, c.data.train_store, open_store(c.data.train_store).paths())
         if parts.init is not None and dist.main:
             write_report(d, parts.init)
         trainees.append(Trainee(name, c, parts, run, start, amp, device, s.get("window") if s else None,
@@ -739,7 +762,7 @@ def _train(specs: list[tuple[str | None, RunConfig]], out: Path, dist: Dist, dev
                          num_workers=cfg0.data.num_workers, prefetch_factor=cfg0.data.prefetch_factor,
                          pin_memory=cfg0.data.pin_memory and device.type == "cuda",
                          rank=dist.rank, world_size=dist.world_size, block=micro * t.grad_accum,
-                         views=cfg0.data.train_views, needs=model_needs(dcfgs))
+                         views=cfg0.data.train_views, needs=model_needs(dcfgs), videos=inputs.videos)
     end = t.steps if until_step is None else min(t.steps, until_step)
     loop = Loop(trainees, inputs, dist, device, loader)
     seconds = loop.run(first, end, progress)

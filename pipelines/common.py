@@ -101,6 +101,7 @@ class ExtractPlan:
     min_frames: int | None = None
     compressor: str | None = None
     num_cpus: int | None = None
+    emb: bool = False  # also store per-frame CLIP embeddings (`extract --emb`)
 
     def config(self):
         from evl_cache.extract import ExtractConfig
@@ -108,7 +109,11 @@ class ExtractPlan:
         return ExtractConfig.from_settings(self.__dict__)
 
     def key(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """The ledger key; ``emb`` only when set, so stores extracted before it existed stay current."""
+        key = dict(self.__dict__)
+        if not key["emb"]:
+            del key["emb"]
+        return key
 
 
 def extract_plan(recipe: dict[str, Any], views: str, **values: Any) -> ExtractPlan:
@@ -290,7 +295,7 @@ def comparable_key(value: Any) -> Any:
     """A ledger key as compared: checkout-relative paths (`portable_key`), and in every run config
     (a dict with ``model`` and ``train`` sections) the options added after ledgers were first written
     left out while at their default, so adding an option never makes finished training look stale."""
-    from evl_cache.config import LATER_MODEL_KEYS, LATER_TRAIN_KEYS
+    from evl_cache.config import LATER_DATA_KEYS, LATER_MODEL_KEYS, LATER_TRAIN_KEYS
 
     value = portable_key(value)
 
@@ -301,8 +306,9 @@ def comparable_key(value: Any) -> Any:
             return v
         out = {k: strip(x) for k, x in v.items()}
         if isinstance(out.get("model"), dict) and isinstance(out.get("train"), dict):
-            for section, later in (("model", LATER_MODEL_KEYS), ("train", LATER_TRAIN_KEYS)):
-                out[section] = {k: x for k, x in out[section].items() if not (k in later and x == later[k])}
+            for section, later in (("model", LATER_MODEL_KEYS), ("train", LATER_TRAIN_KEYS), ("data", LATER_DATA_KEYS)):
+                if isinstance(out.get(section), dict):
+                    out[section] = {k: x for k, x in out[section].items() if not (k in later and x == later[k])}
         return out
 
     return strip(value)

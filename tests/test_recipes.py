@@ -370,7 +370,7 @@ def test_ledger_ignores_later_options_at_their_default(tmp_path):
 
     new = {"config": RunConfig().to_dict(), "out": "runs/x/train"}
     old = json.loads(json.dumps(new))
-    del old["config"]["model"]["pool"], old["config"]["model"]["layer_blocks"]
+    del old["config"]["model"]["pool"], old["config"]["model"]["layer_blocks"], old["config"]["data"]["few_shot"]
     old["out"] = str(ROOT / "runs" / "x" / "train")
     assert comparable_key(old) == comparable_key(new)
     changed = json.loads(json.dumps(new))
@@ -381,3 +381,23 @@ def test_ledger_ignores_later_options_at_their_default(tmp_path):
     out.mkdir()
     res = Ledger(tmp_path).run("train", new, lambda: {}, complete=out.is_dir, outputs=[out])
     assert res.skipped and out.is_dir()
+
+
+@pytest.mark.slow
+def test_fewshot_smoke_extracts_one_store_pair_for_every_head(tmp_path):
+    """`make fewshot-table SMOKE=1`: the demo config's tiny ViT has no text tower, so the smoke swaps in a
+    random tiny CLIP with both; one store pair with emb serves the X-CLIP, text-initialised linear and EVL heads."""
+    from evl_cache.store import open_store
+
+    args = ("--smoke", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))
+    p = _run("fewshot.py", *args, timeout=1500)
+    assert "RANDOM tiny CLIP" in p.stdout
+    data = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert data["smoke"] and not data["unavailable"] and data["zeroshot"] is not None
+    assert [(r["head"], r["k"]) for r in data["rows"]] == [(h, k) for h in ("xclip", "linear_text", "evl") for k in (1, 2)]
+    classes = data["classes"]
+    for r in data["rows"]:
+        assert r["videos"] == classes * r["k"] and r["eval_videos"] == classes  # SMOKE: 1 eval video per class
+    store = open_store(str(tmp_path / "work" / "cache" / "train.zarr"))
+    assert store.attrs["emb"] and store.attrs["attention"] == "maps" and len(store.attrs["blocks"]) == 4
+    assert (tmp_path / "out" / "top1_vs_k.png").stat().st_size > 5_000

@@ -16,7 +16,8 @@ from torch import nn
 from evl_cache.errors import UserError
 
 # ModelConfig keys that belong to one head only (None = unset); setting one for another head is refused.
-HEAD_OPTIONS = ("mit_layers", "prompt_layers", "prompt_alpha", "text_templates", "text_weights", "linear_norm")
+HEAD_OPTIONS = ("mit_layers", "prompt_layers", "prompt_alpha", "text_templates", "text_weights", "linear_norm",
+                "linear_init")
 
 
 def _layers(attrs: dict[str, Any]) -> int | None:

@@ -16,13 +16,16 @@ sqrt(2); the classifier keeps PyTorch's default Linear init (it is outside the p
 
 **linear** is one Linear on the clip-view's pooled per-frame embeddings: with ``linear_norm``
 (default) the mean of the L2-normalised frame embeddings, normalised again (the zero-shot video
-embedding), otherwise their plain mean.
+embedding), otherwise their plain mean. With ``linear_init: text`` its weights start as CLIP's
+zero-shot classifier (CLIP's "zero-shot initialised" linear probe): row c is ``s * t_c``, t_c the
+unit prompt-ensemble text embedding of class c (`evl_cache.text`) and s CLIP's ``exp(logit_scale)``,
+the bias 0. Its step-0 logits are then exactly `evl-cache zeroshot`'s, ``s * cos(video, t_c)``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -182,13 +185,28 @@ class AttentiveProbeSpec(HeadSpec):
 # ------------------------------------------------------------------------------ linear probe
 
 
+LINEAR_INITS = ("default", "text")
+
+
 @dataclass
 class LinearProbeConfig:
     embed_dim: int
     frames: int
     num_classes: int
     norm: bool = True
+    init: str = "default"  # "default": PyTorch's Linear init; "text": CLIP's zero-shot classifier
+    # with init "text": the store's class names, the templates and where the text tower's weights are
+    class_names: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=list)
+    template_set: str = ""
+    text: dict[str, Any] = field(default_factory=dict)  # arch, weights, weights_id, seed, quick_gelu
     head: str = "linear"
+
+    def __post_init__(self) -> None:
+        if self.init not in LINEAR_INITS:
+            raise UserError(f"model.linear_init={self.init!r} must be one of {LINEAR_INITS}")
+        if self.init == "text" and len(self.class_names) != self.num_classes:
+            raise UserError(f"bad linear config: {len(self.class_names)} class names for {self.num_classes} classes")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -215,25 +233,92 @@ class LinearProbe(nn.Module):
                             f"the store does not match the checkpoint")
         return self.fc(pooled_embedding(emb.float(), cfg.norm).to(self.fc.weight.dtype))
 
+    @torch.no_grad()
+    def init_from_text(self, text_emb: Tensor, logit_scale: float) -> None:
+        """CLIP's zero-shot classifier as the starting weights: ``logit_scale`` x unit class embeddings, bias 0."""
+        if tuple(text_emb.shape) != tuple(self.fc.weight.shape):
+            raise UserError(f"class text embeddings have shape {tuple(text_emb.shape)}, the linear head needs "
+                            f"{tuple(self.fc.weight.shape)}; use the text tower of the store's CLIP weights")
+        self.fc.weight.copy_(float(logit_scale) * F.normalize(text_emb.float(), dim=-1))
+        self.fc.bias.zero_()
+
+
+def text_spec_for_store(model: Any, attrs: dict[str, Any], where: str, default_templates: str) -> tuple[str, list[str], dict[str, Any]]:
+    """(template set name, templates, text-tower source) for a head whose text side comes from the
+    store's CLIP weights (or ``model.text_weights``, checked to have the store's identity)."""
+    from evl_cache.templates import resolve_templates
+    from evl_cache.zeroshot import spec_like_store
+
+    try:
+        name, templates = resolve_templates(model.text_templates or default_templates)
+        spec = spec_like_store(attrs, where, weights=model.text_weights)
+    except UserError as err:
+        msg = str(err).replace("--weights", "model.text_weights").replace("--arch", "the store's arch")
+        raise UserError(msg.replace("--templates", "model.text_templates")) from None
+    text = {"arch": spec.arch, "weights": spec.weights, "weights_id": str(attrs["backbone"].get("weights_id", "")),
+            "seed": spec.seed, "quick_gelu": spec.quick_gelu}
+    return name, list(templates), text
+
+
+def zero_shot_classifier(cfg: LinearProbeConfig) -> tuple[Tensor, float]:
+    """(C, E) unit prompt-ensemble class embeddings and exp(logit_scale), as `evl-cache zeroshot` computes
+    them (fp32, CPU), through its on-disk cache of text embeddings."""
+    from evl_cache.backbone import BackboneSpec
+    from evl_cache.text import class_text_embeddings
+    from evl_cache.zeroshot import default_text_cache
+
+    t = cfg.text
+    spec = BackboneSpec(arch=t["arch"], weights=t["weights"], seed=int(t.get("seed", 0)),
+                        quick_gelu=bool(t.get("quick_gelu", True)), precision="fp32")
+    out = class_text_embeddings(spec, cfg.class_names, cfg.templates, cache_dir=default_text_cache(), device="cpu")
+    if out.identity["weights_id"] != t["weights_id"]:
+        raise UserError(f"model.text_weights: {t['weights']} changed since the run was configured "
+                        f"(identity {out.identity['weights_id'][:16]}, expected {t['weights_id'][:16]}); "
+                        f"pass the store's CLIP weights")
+    return out.emb, out.logit_scale
+
 
 class LinearProbeSpec(HeadSpec):
     name = "linear"
-    options = ("linear_norm",)
+    options = ("linear_norm", "linear_init", "text_templates", "text_weights")
 
     def needs(self, cfg: Any) -> tuple[str, ...]:
         return ("emb",)
 
     def config_for_store(self, model: Any, attrs: dict[str, Any], where: str) -> LinearProbeConfig:
+        from evl_cache.zeroshot import DEFAULT_TEMPLATES
+
         check_needs(self.name, self.needs(None), attrs, where)
         shape = _shape_of_store(model, attrs, where, ("frames", "num_classes"))
         norm = True if model.linear_norm is None else bool(model.linear_norm)
-        return LinearProbeConfig(embed_dim=int(attrs["embed_dim"]), norm=norm, **shape)
+        init = model.linear_init or "default"
+        if init not in LINEAR_INITS:
+            raise UserError(f"model.linear_init={init!r} must be one of {LINEAR_INITS}")
+        if init != "text":
+            stray = [k for k in ("text_templates", "text_weights") if getattr(model, k) is not None]
+            if stray:
+                raise UserError(f"model.{stray[0]} applies to the linear head only with model.linear_init=text; "
+                                f"set model.linear_init=text or remove model.{stray[0]}")
+            return LinearProbeConfig(embed_dim=int(attrs["embed_dim"]), norm=norm, **shape)
+        if not norm:
+            raise UserError("model.linear_init=text starts from CLIP's zero-shot classifier, which reads the normalised "
+                            "video embedding; drop model.linear_norm=false or model.linear_init=text")
+        name, templates, text = text_spec_for_store(model, attrs, where, DEFAULT_TEMPLATES)
+        return LinearProbeConfig(embed_dim=int(attrs["embed_dim"]), norm=norm, init="text",
+                                 class_names=list(attrs["class_names"]), templates=templates, template_set=name,
+                                 text=text, **shape)
 
     def config_from_dict(self, d: dict[str, Any]) -> LinearProbeConfig:
         return _from_dict(LinearProbeConfig, d)
 
     def build(self, cfg: Any, fresh: bool = True) -> nn.Module:
-        return LinearProbe(cfg)
+        model = LinearProbe(cfg)
+        if fresh and cfg.init == "text":
+            # the text tower's build may seed torch's RNG ('random' weights): keep the run's RNG stream
+            with torch.random.fork_rng(devices=[]):
+                emb, scale = zero_shot_classifier(cfg)
+            model.init_from_text(emb, scale)
+        return model
 
     def backbone_outputs(self, cfg: Any, meta: dict[str, Any]) -> dict[str, Any]:
         return {"blocks": [], "attention": "none", "emb": True}
