@@ -172,7 +172,7 @@ def prepare_stores(recipe: dict[str, Any], args: argparse.Namespace, work: Path,
         for flag, p in (("--train-store", args.train_store), ("--val-store", args.val_store)):
             if not Path(p).exists():
                 raise UserError(f"{flag}: store {p} not found; pass an extracted store (evl-cache extract ... --emb)")
-        say(f"[1/3] stores: {rel(args.train_store)} (train), {rel(args.val_store)} (eval)")
+        say(f"[1-3/5] given stores: {rel(args.train_store)} (train), {rel(args.val_store)} (eval)")
         return Stores(Ledger(work), Path(args.train_store), Path(args.val_store), "the given stores' backbone")
     from demo import backbone_choice, prepare_cache
 
@@ -184,8 +184,7 @@ def prepare_stores(recipe: dict[str, Any], args: argparse.Namespace, work: Path,
         say(f"smoke: the config's backbone has no usable text tower; using a {note.split(' (')[0]}")
     r = copy.deepcopy(recipe)
     r["extract"]["emb"] = True  # the X-CLIP and linear heads read per-frame embeddings
-    say("[1/3] synthetic dataset and its train/eval caches (with per-frame embeddings)")
-    c = prepare_cache(r, work, threads, steps_total=3, backbone=(arch, weights, note))
+    c = prepare_cache(r, work, threads, steps_total=5, backbone=(arch, weights, note))
     return Stores(c.ledger, c.train_store, c.val_store, note, c.kinds)
 
 
@@ -251,7 +250,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             steps = steps_for(plan, n, hb)
             cfg = run_config(recipe, plan, head, k, steps, stores.train)
             run_dir, eval_dir = work / "runs" / f"{head.name}_k{k}", work / "eval" / f"{head.name}_k{k}"
-            say(f"[2/3] ({i}/{total}) {head.label}, K = {k} ({n} videos): {steps} steps x batch {hb} -> {rel(run_dir)}")
+            say(f"[4/5] ({i}/{total}) {head.label}, K = {k} ({n} videos): {steps} steps x batch {hb} -> {rel(run_dir)}")
             tr = train_stage(stores.ledger, f"train_{head.name}_k{k}", cfg, run_dir, progress=not args.no_progress)
             ev = eval_stage(stores.ledger, f"eval_{head.name}_k{k}", run_dir / "model", stores.val, eval_dir)
             m = read_metrics(eval_dir)
@@ -282,7 +281,7 @@ def zeroshot_point(stores: Stores, names: list[str], plan: Plan, work: Path) -> 
         say(f"  zero-shot: {m['videos']} videos: top-1 {100 * m['top1']:.2f}%")
         return {"top1": m["top1"], "top5": m["top5"]}
 
-    say(f"[3/3] zero-shot (K = 0) on {rel(stores.val)} with templates {templates}")
+    say(f"[5/5] zero-shot (K = 0) on {rel(stores.val)} with templates {templates}")
     res = stores.ledger.run("zeroshot", {"store": str(stores.val), "classes": names, "templates": templates}, fn,
                             complete=lambda: (out / "metrics.json").is_file(), outputs=[out])
     m = read_metrics(out)
@@ -315,7 +314,8 @@ def write_table(out: Path, result: dict[str, Any]) -> dict[str, Any]:
     md = [
         title,
         f"K videos per class drawn with seed {plan.seed} from `{result['train_store']}` ({result['classes']} classes; "
-        f"each K's videos are inside every larger K's), trained from the cache for {plan.epochs:g} epochs of the subset "
+        f"each K's videos are inside every larger K's), trained from the cache for {plan.epochs:g} "
+        f"epoch{'s' * (plan.epochs != 1)} of the subset "
         f"(at least {plan.min_steps} steps), evaluated on all {eval_videos} videos of `{result['val_store']}` "
         f"(1 video = {100 / max(eval_videos, 1):.2f} points). Backbone: {result['backbone']}.\n",
         md_table(header, rows),
@@ -352,14 +352,16 @@ def plot(out: Path, result: dict[str, Any]) -> Path:
     ks = ([0] if zs else []) + plan.shots
     pos = {k: i for i, k in enumerate(ks)}  # evenly spaced: K doubles from one tick to the next
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-    for h in plan.heads:
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":")]  # heads stay visible where their lines coincide
+    for j, h in enumerate(plan.heads):
         pts = sorted(result["cells"].get(h.name, {}).items())
         if not pts:
             continue
         xs, ys = [pos[k] for k, _ in pts], [100 * c["top1"] for _, c in pts]
         if h.name == "linear_text" and zs:
             xs, ys = [pos[0]] + xs, [100 * zs["top1"]] + ys
-        ax.plot(xs, ys, marker="o", label=h.label)
+        marker, line = styles[j % len(styles)]
+        ax.plot(xs, ys, marker=marker, linestyle=line, markersize=8 - 1.5 * j, label=h.label)
     ax.set_xticks(range(len(ks)), ["0\n(zero-shot)" if k == 0 else str(k) for k in ks])
     ax.set_xlabel("K (videos per class)")
     ax.set_ylabel("top-1 on the eval store (%)")
