@@ -335,6 +335,8 @@ def eval_(
     split: str = typer.Option(None, help="With --xclip-release: split name (default val)."),
     classes: Path = typer.Option(None, help="With --xclip-release: class names, one per line (k400/k600/k700/list)."),
     templates: str = typer.Option(None, help="With --xclip-release: prompt templates (default xclip, the bare class name)."),
+    class_prompts: Path = typer.Option(None, help="With --xclip-release: the names to prompt with, one per class in label "
+                                                  "order (default: the class names; X-CLIP writes HMDB's brush_hair as 'brush hair')."),
     views: str = typer.Option(None, help="With --xclip-release: eval (1x1) or eval:TxS (X-CLIP's published test: eval:4x3)."),
     precision: str = typer.Option(None, help="With --xclip-release: fp32, fp16, bf16 or auto (fp16 on GPU, fp32 on CPU)."),
     trust_torchscript: bool = typer.Option(False, help="With --xclip-release: load a TorchScript file (code)."),
@@ -353,7 +355,8 @@ def eval_(
     from evl_cache.location import use_options_file
 
     release_flags = {"--dataset": dataset, "--root": root, "--annotations": annotations, "--split": split,
-                     "--classes": classes, "--templates": templates, "--views": views, "--precision": precision,
+                     "--classes": classes, "--templates": templates, "--class-prompts": class_prompts, "--views": views,
+                     "--precision": precision,
                      "--trust-torchscript": trust_torchscript or None}
     if xclip_release is not None:
         store_only = {"--workers": workers or None, "--allow-partial": allow_partial or None,
@@ -362,7 +365,7 @@ def eval_(
         if given:
             raise UserError(f"{given[0]} applies to evaluating a --store; --xclip-release decodes the videos itself")
         _eval_release(xclip_release, checkpoint, store, out, dataset, root, annotations, split, classes, templates,
-                      views, precision, trust_torchscript, device, batch)
+                      class_prompts, views, precision, trust_torchscript, device, batch)
         return
     given = [flag for flag, value in release_flags.items() if value is not None]
     if given:
@@ -389,8 +392,8 @@ def eval_(
 
 def _eval_release(release: Path, checkpoint: Path | None, store: str | None, out: Path | None, dataset: str | None,
                   root: Path | None, annotations: Path | None, split: str | None, classes: Path | None,
-                  templates: str | None, views: str | None, precision: str | None, trust_torchscript: bool,
-                  device: str | None, batch: int | None) -> None:
+                  templates: str | None, class_prompts: Path | None, views: str | None, precision: str | None,
+                  trust_torchscript: bool, device: str | None, batch: int | None) -> None:
     """`eval --xclip-release`: a released X-CLIP model on a dataset manifest, decoding every video."""
     if checkpoint is not None or store is not None:
         raise UserError("--xclip-release is evaluated online on --dataset, not on --store / --checkpoint; drop those")
@@ -403,7 +406,7 @@ def _eval_release(release: Path, checkpoint: Path | None, store: str | None, out
     manifest = load_manifest(dataset, str(root or "."), split or "val",
                              annotations=str(annotations) if annotations else None, **extra)
     m = evaluate_release(release, manifest, out, templates=templates, views=views, device=device, precision=precision,
-                         trust_torchscript=trust_torchscript, batch_size=batch or 4)
+                         trust_torchscript=trust_torchscript, batch_size=batch or 4, class_prompts=class_prompts)
     failed = m["dataset"]["failed"]
     line = (f"{m['videos']} videos x {m['views']} views: top-1 {100 * m['top1']:.2f}%  top-{m['topk']} "
             f"{100 * m['top5']:.2f}%  mean class {100 * m['mean_class_accuracy']:.2f}%" if m["top1"] is not None

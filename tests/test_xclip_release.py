@@ -523,6 +523,32 @@ def test_cli_eval_online_on_a_list_manifest(small, videos, tmp_path, monkeypatch
     assert len((out / "predictions.csv").read_text().splitlines()) == 4
 
 
+def test_eval_prompts_with_reworded_class_names(small, videos, tmp_path):
+    """--class-prompts: the model is prompted with other names (X-CLIP's 'brush hair' for HMDB's
+    brush_hair); the metrics keep the manifest's names."""
+    from evl_cache.datasets import load_manifest
+    from evl_cache.xclip_release import ReleasePredictor, evaluate_release
+
+    root = videos["dir"]
+    (root / "snake.csv").write_text("path,label\n" + "".join(f"{Path(p).name},{i}\n" for i, p in enumerate(videos["paths"])))
+    snake = root / "snake.txt"
+    snake.write_text("\n".join(c.replace(" ", "_") for c in CLASSES) + "\n")
+    manifest = load_manifest("list", str(root), "val", annotations=str(root / "snake.csv"), classes=str(snake))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(CLASSES) + "\n")
+    m = evaluate_release(small["path"], manifest, tmp_path / "ev", device="cpu", class_prompts=prompts)
+    assert m["xclip_release"]["prompts"] == CLASSES and list(m["per_class"]) == [c.replace(" ", "_") for c in CLASSES]
+    want = ReleasePredictor(small["path"], CLASSES, device="cpu")
+    saved = np.load(tmp_path / "ev" / "scores.npz", allow_pickle=False)
+    assert np.allclose(saved["scores"][0], want.scores(videos["paths"][0]).numpy(), atol=1e-6)
+    plain = ReleasePredictor(small["path"], [c.replace(" ", "_") for c in CLASSES], device="cpu")
+    assert not np.allclose(saved["scores"][0], plain.scores(videos["paths"][0]).numpy(), atol=1e-4)
+    prompts.write_text("one\ntwo\n")
+    with pytest.raises(UserError, match="has 2 names but the list manifest has 3 classes"):
+        evaluate_release(small["path"], manifest, tmp_path / "ev2", device="cpu", class_prompts=prompts)
+    assert not (tmp_path / "ev2").exists()
+
+
 def test_cli_refusals_are_one_line(small, videos, tmp_path, monkeypatch, capsys):
     clip_only = tmp_path / "clip.pth"
     torch.save({k: v for k, v in small["sd"].items() if ".message_" not in k}, clip_only)

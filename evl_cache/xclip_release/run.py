@@ -188,21 +188,32 @@ def predict_release(release: str | os.PathLike, video_path_or_folder: str | os.P
 
 def evaluate_release(release: str | os.PathLike, manifest: Any, out_dir: str | os.PathLike | None = None,
                      templates: str | None = None, views: str | None = None, device: str | None = None,
-                     precision: str | None = None, trust_torchscript: bool = False, batch_size: int = 4) -> dict[str, Any]:
+                     precision: str | None = None, trust_torchscript: bool = False, batch_size: int = 4,
+                     class_prompts: str | os.PathLike | None = None) -> dict[str, Any]:
     """Evaluate a released X-CLIP model on a dataset manifest, decoding every video (no store).
 
-    The manifest's class names are the prompts. Videos that cannot be decoded are left out and
-    listed under ``failed``. With ``out_dir``, writes eval's outputs (metrics.json, predictions.csv,
-    scores.npz, confusion_matrix.png), metrics.json last.
+    The manifest's class names are the prompts, or the lines of ``class_prompts`` (one per class,
+    in label order: X-CLIP's own label files write HMDB's ``brush_hair`` as ``brush hair``).
+    Videos that cannot be decoded are left out and listed under ``failed``. With ``out_dir``,
+    writes eval's outputs (metrics.json, predictions.csv, scores.npz, confusion_matrix.png),
+    metrics.json last.
     """
     from evl_cache.evaluate import compute_metrics, write_outputs
+    from evl_cache.templates import read_class_names
     from evl_cache.video import VideoError
+    from evl_cache.zeroshot import with_flag
 
     if not len(manifest):
         raise UserError(f"the {manifest.name} manifest ({manifest.split}) lists no videos; check --root and --annotations")
     if out_dir is not None and Path(out_dir).is_file():
         raise UserError(f"--out {out_dir} is a file; pass a folder for metrics.json and predictions.csv")
-    predictor = ReleasePredictor(release, manifest.class_names, templates, ReleaseViews.parse(views), device, precision,
+    prompts = list(manifest.class_names)
+    if class_prompts is not None:
+        prompts = with_flag("--class-prompts", read_class_names, class_prompts)
+        if len(prompts) != len(manifest.class_names):
+            raise UserError(f"--class-prompts {class_prompts} has {len(prompts)} names but the {manifest.name} manifest has "
+                            f"{len(manifest.class_names)} classes; give one prompt per class, in label order")
+    predictor = ReleasePredictor(release, prompts, templates, ReleaseViews.parse(views), device, precision,
                                  trust_torchscript, batch_size)
     start = time.perf_counter()
     rows, done, failed = [], [], []
@@ -219,7 +230,8 @@ def evaluate_release(release: str | os.PathLike, manifest: Any, out_dir: str | o
     videos = np.asarray(done, dtype=np.int64)
     labels = np.asarray(manifest.labels, dtype=np.int64)[videos]
     metrics = compute_metrics(scores, labels, list(manifest.class_names))
-    metrics.update(checkpoint=str(release), views=predictor.views.count, xclip_release=predictor.identity,
+    identity = dict(predictor.identity, prompts=prompts if prompts != list(manifest.class_names) else "class names")
+    metrics.update(checkpoint=str(release), views=predictor.views.count, xclip_release=identity,
                    dataset={"name": manifest.name, "split": manifest.split, "root": manifest.root,
                             "videos": len(manifest), "failed": len(failed)},
                    failed=failed, seconds=round(time.perf_counter() - start, 3))
