@@ -18,7 +18,6 @@ import torch
 
 from evl_cache.backbone import build_backbone
 from evl_cache.checkpoints import save_checkpoint
-from evl_cache.cli import main
 from evl_cache.explain import decoder_attention, explain_store, explain_video, write_explanation
 from evl_cache.store import PENDING, open_store
 from evl_cache.train import checkpoint_meta
@@ -130,15 +129,7 @@ def test_store_path_matches_online_path(env):
     assert maps.cls is None and any("not in the store" in n for n in maps.notes)
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["evl-cache", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from clirun import run_cli  # noqa: E402,F401  (shared with the other CLI tests)
 
 
 def test_cli_writes_grid_gif_npz_and_summary(env, tmp_path, monkeypatch, capsys):

@@ -461,17 +461,7 @@ def test_views_are_resized_cropped_and_imagenet_normalised(tmp_path):
 # ------------------------------------------------------------------------------ CLI: predict and eval
 
 
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    from evl_cache.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["evl-cache", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from clirun import run_cli  # noqa: E402,F401  (shared with the other CLI tests)
 
 
 @pytest.fixture(scope="module")

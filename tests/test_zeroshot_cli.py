@@ -22,7 +22,6 @@ from safetensors.torch import load_file, save_file
 
 import media
 from evl_cache.backbone import BackboneSpec, file_sha256
-from evl_cache.cli import main
 from evl_cache.derive import derive_emb
 from evl_cache.errors import UserError
 from evl_cache.extract import BackboneRunner, ExtractConfig, extract, extract_serially, store_attributes
@@ -63,16 +62,7 @@ def build(path: Path, videos: list[str], labels: list[int], weights: Path, block
     return str(path)
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`evl-cache ARGS` in this process (main turns UserError into exit 2)."""
-    monkeypatch.setattr(sys, "argv", ["evl-cache", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from clirun import run_cli  # noqa: E402,F401  (shared with the other CLI tests)
 
 
 @pytest.fixture(scope="module")
