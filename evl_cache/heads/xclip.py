@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from evl_cache.decoder import LayerNorm, QuickGELU
 from evl_cache.errors import UserError
 from evl_cache.heads import HeadSpec, check_needs, expect, register_head
-from evl_cache.heads.probes import _from_dict, _shape_of_store, check_tokens
+from evl_cache.heads.probes import _from_dict, _shape_of_store, check_tokens, text_spec_for_store
 
 DEFAULT_TEMPLATES = "xclip"  # X-CLIP's released code feeds the bare class name
 
@@ -252,20 +252,10 @@ class XCLIPSpec(HeadSpec):
         return ("emb", "last_block")
 
     def config_for_store(self, model: Any, attrs: dict[str, Any], where: str) -> XCLIPConfig:
-        from evl_cache.templates import resolve_templates
-        from evl_cache.zeroshot import spec_like_store
 
         check_needs(self.name, self.needs(None), attrs, where)
         shape = _shape_of_store(model, attrs, where, ("frames", "width", "num_classes"))
-        try:
-            name, templates = resolve_templates(model.text_templates or DEFAULT_TEMPLATES)
-            spec = spec_like_store(attrs, where, weights=model.text_weights)
-        except UserError as err:
-            msg = str(err).replace("--weights", "model.text_weights").replace("--arch", "the store's arch")
-            raise UserError(msg.replace("--templates", "model.text_templates")) from None
-        bb = attrs["backbone"]
-        text = {"arch": spec.arch, "weights": spec.weights, "weights_id": str(bb.get("weights_id", "")),
-                "seed": spec.seed, "quick_gelu": spec.quick_gelu}
+        name, templates, text = text_spec_for_store(model, attrs, where, DEFAULT_TEMPLATES)
         return XCLIPConfig(
             **shape, embed_dim=int(attrs["embed_dim"]), tokens=int(attrs["tokens"]),
             mit_layers=1 if model.mit_layers is None else int(model.mit_layers),
