@@ -74,13 +74,16 @@ def measure(exp: Any) -> dict[str, Any]:
 
 
 def videos_per_class(data_dir: Path, per_class: int) -> dict[str, list[Path]]:
-    """The first ``per_class`` validation videos of every class, from the synthetic dataset's val.csv."""
-    lines = (data_dir / "val.csv").read_text().splitlines()[1:]
+    """The first ``per_class`` validation videos of every class, from the synthetic dataset's manifest
+    (the same `list` manifest extraction reads)."""
+    from evl_cache.datasets import load_manifest
+
+    manifest = load_manifest("list", str(data_dir), "val")
     out: dict[str, list[Path]] = {}
-    for line in lines:
-        path, label = line.rsplit(",", 1)
-        if len(out.setdefault(label, [])) < per_class:
-            out[label].append(data_dir / path)
+    for path, label in zip(manifest.paths, manifest.labels):
+        videos = out.setdefault(manifest.class_names[label], [])
+        if len(videos) < per_class:
+            videos.append(Path(path))
     return out
 
 
