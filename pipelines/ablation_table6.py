@@ -24,11 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ablation_table8 import add_cache_arguments, finish_cache_arguments, prepare, sweep_stage
-from common import (
-    ROOT, eval_stage, fmt_s, main_guard, md_table, pct, read_metrics, rel, run_config, say, set_threads,
-    split_accuracy, write_text_atomic,
-)
+from ablation_table8 import add_cache_arguments, finish_cache_arguments, prepare, sweep_and_evaluate
+from common import ROOT, fmt_s, main_guard, md_table, pct, rel, say, set_threads, write_text_atomic
 
 
 def rows_for(K: int) -> list[dict[str, Any]]:
@@ -57,24 +54,10 @@ def cached_blocks(store: Path) -> int:
     return len(open_store(str(store)).attrs["blocks"])
 
 
-def train_rows(c: dict[str, Any], rows: list[dict[str, Any]], args: argparse.Namespace) -> tuple[list[dict[str, Any]], float]:
-    """One sweep over the cache for every row, then each row's evaluation."""
-    from evl_cache.sweep import members
-
-    train = {"steps": args.steps} if args.steps else {}
-    base = run_config(c["recipe"], str(c["train_store"]), str(c["val_store"]), train=train)
-    ms = members([{"name": r["tag"], "model": r["model"]} for r in rows], base, "Table 6 sweep")
-    out = Path(c["work"]) / "table6"
-    say(f"[table 6] {len(rows)} decoders in one sweep over the cache: {base.train.steps} steps each -> {rel(out)}")
-    tr = sweep_stage(c["ledger"], "table6_sweep_train", ms, out, progress=not args.no_progress)
-    results = []
-    for i, r in enumerate(rows, 1):
-        run_dir = out / r["tag"]
-        say(f"[table 6 {i}/{len(rows)}] {r['label']}: evaluate {rel(run_dir)}")
-        eval_stage(c["ledger"], f"table6_{r['tag']}_eval", run_dir / "model", c["val_store"], run_dir / "eval")
-        m = read_metrics(run_dir / "eval")
-        results.append({**r, "top1": m["top1"], "top5": m["top5"], **split_accuracy(m, c["kinds"])})
-    return results, tr.seconds
+def train_rows(c: dict[str, Any], rows: list[dict[str, Any]], args: argparse.Namespace) -> tuple[list[dict[str, Any]], float, Any]:
+    """One sweep over the cache for every row, then each row's evaluation (`sweep_and_evaluate`)."""
+    results, tr, train = sweep_and_evaluate(c, rows, args, "table 6", "table6", eval_prefix="table6_")
+    return [{**r, **res} for r, res in zip(rows, results)], tr.seconds, train
 
 
 def write_report(out: Path, results: list[dict[str, Any]], c: dict[str, Any], sweep_s: float, wall: float,
@@ -140,9 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     c = prepare(args, threads)
     rows = rows_for(cached_blocks(Path(c["train_store"])))
-    results, sweep_s = train_rows(c, rows, args)
+    results, sweep_s, steps = train_rows(c, rows, args)
     args.out.mkdir(parents=True, exist_ok=True)
-    steps = run_config(c["recipe"], "a", "b", train={"steps": args.steps} if args.steps else {}).train
     write_report(args.out, results, c, sweep_s, time.perf_counter() - began, steps)
     plot(args.out, results, c)
     say(f"\nTable 6: {args.out / 'table6.md'}")

@@ -87,30 +87,38 @@ def sweep_stage(ledger: Ledger, name: str, ms: list[Any], out: Path, progress: b
                       complete=lambda: all((out / m.name / "model.json").is_file() for m in ms), outputs=[out])
 
 
-def train_combos(c: dict[str, Any], todo: list[tuple[int, int, int]], args: argparse.Namespace, label: str) -> list[dict[str, Any]]:
-    """Train every switch setting in ONE sweep from the cache pair in ``c`` (each batch is read once and
-    fed to all of them; each member equals its solo run), then evaluate each (finished stages are skipped)."""
+def sweep_and_evaluate(c: dict[str, Any], specs: list[dict[str, Any]], args: argparse.Namespace, label: str,
+                       folder: str, eval_prefix: str = "") -> tuple[list[dict[str, Any]], Any, Any]:
+    """Train every spec (``tag``, ``label``, ``model`` options) in ONE sweep from the cache pair in ``c``
+    into ``work/folder/<tag>`` (each batch is read once and fed to all; each member equals its solo
+    run), then evaluate each (finished stages are skipped). Returns, per spec, its metrics and eval
+    stage; the sweep's stage; and the training config the members share."""
     from evl_cache.sweep import members
 
     train = {"steps": args.steps} if args.steps else {}
     base = run_config(c["recipe"], str(c["train_store"]), str(c["val_store"]), train=train)
-    tags = ["ablation_" + "".join(map(str, combo)) for combo in todo]
-    ms = members([{"name": tag, "model": dict(zip(MODULES, map(bool, combo)))} for tag, combo in zip(tags, todo)],
-                 base, f"{label} sweep")
-    out = Path(c["work"]) / "ablation"
-    say(f"[{label}] {len(todo)} combinations in one sweep over the cache: {base.train.steps} steps each -> {rel(out)}")
-    tr = sweep_stage(c["ledger"], "ablation_sweep_train", ms, out, progress=not args.no_progress)
+    ms = members([{"name": sp["tag"], "model": sp["model"]} for sp in specs], base, f"{label} sweep")
+    out = Path(c["work"]) / folder
+    say(f"[{label}] {len(specs)} decoders in one sweep over the cache: {base.train.steps} steps each -> {rel(out)}")
+    tr = sweep_stage(c["ledger"], f"{folder}_sweep_train", ms, out, progress=not args.no_progress)
     results = []
-    for i, (combo, tag) in enumerate(zip(todo, tags), 1):
-        name = combo_name(combo)
-        run_dir = out / tag
-        say(f"[{label} {i}/{len(todo)}] {name}: evaluate {rel(run_dir)}")
-        ev = eval_stage(c["ledger"], f"{tag}_eval", run_dir / "model", c["val_store"], run_dir / "eval")
+    for i, sp in enumerate(specs, 1):
+        run_dir = out / sp["tag"]
+        say(f"[{label} {i}/{len(specs)}] {sp['label']}: evaluate {rel(run_dir)}")
+        ev = eval_stage(c["ledger"], f"{eval_prefix}{sp['tag']}_eval", run_dir / "model", c["val_store"], run_dir / "eval")
         m = read_metrics(run_dir / "eval")
-        # the sweep's time is shared: each combination is charged an equal part of it
-        results.append({"combo": combo, "name": name, "top1": m["top1"], "top5": m["top5"],
-                        **split_accuracy(m, c["kinds"]), "train_s": tr.seconds / len(todo), "eval_s": ev.seconds})
-    return results
+        results.append({"top1": m["top1"], "top5": m["top5"], **split_accuracy(m, c["kinds"]), "eval_s": ev.seconds})
+    return results, tr, base.train
+
+
+def train_combos(c: dict[str, Any], todo: list[tuple[int, int, int]], args: argparse.Namespace, label: str) -> list[dict[str, Any]]:
+    """Every switch setting trained in one sweep and evaluated (`sweep_and_evaluate`)."""
+    specs = [{"tag": "ablation_" + "".join(map(str, combo)), "label": combo_name(combo),
+              "model": dict(zip(MODULES, map(bool, combo)))} for combo in todo]
+    results, tr, _ = sweep_and_evaluate(c, specs, args, label, "ablation")
+    # the sweep's time is shared: each combination is charged an equal part of it
+    return [{"combo": combo, "name": sp["label"], **r, "train_s": tr.seconds / len(todo)}
+            for combo, sp, r in zip(todo, specs, results)]
 
 
 def random_baseline_cache(c: dict[str, Any], args: argparse.Namespace, threads: int) -> dict[str, Any]:
