@@ -60,6 +60,9 @@ class ModelConfig:
     # linear: "default" (PyTorch's init) or "text": start from CLIP's zero-shot classifier (logit scale x unit
     # class text embeddings, bias 0), with model.text_templates (default clip-kinetics700) and model.text_weights
     linear_init: str | None = None
+    # xclip / linear (text init): a file naming each class for the text tower, one per line in label order
+    # (for folder names such as "ApplyEyeMakeup" or "static_circle"); default: the store's class names
+    class_prompts: str | None = None
 
 
 @dataclass
@@ -95,7 +98,7 @@ class TrainConfig:
 # TrainConfig keys added after runs were first recorded: a resume state without them holds their default.
 LATER_TRAIN_KEYS = {"init_from": None, "pretrained_lr_mult": 1.0, "pretrained_wd_mult": 1.0}
 # The same for ModelConfig (Table 6 options): a saved config without them trained at these values.
-LATER_MODEL_KEYS = {"layer_blocks": None, "pool": "none", "linear_init": None}
+LATER_MODEL_KEYS = {"layer_blocks": None, "pool": "none", "linear_init": None, "class_prompts": None}
 # And for DataConfig (few-shot): recipes' ledgers compare run configs without them at these values.
 LATER_DATA_KEYS = {"few_shot": 0, "few_shot_seed": 0, "few_shot_allow_short": False}
 

@@ -17,7 +17,7 @@ from evl_cache.errors import UserError
 
 # ModelConfig keys that belong to one head only (None = unset); setting one for another head is refused.
 HEAD_OPTIONS = ("mit_layers", "prompt_layers", "prompt_alpha", "text_templates", "text_weights", "linear_norm",
-                "linear_init")
+                "linear_init", "class_prompts")
 
 
 def _layers(attrs: dict[str, Any]) -> int | None:

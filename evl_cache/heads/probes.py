@@ -260,6 +260,24 @@ def text_spec_for_store(model: Any, attrs: dict[str, Any], where: str, default_t
     return name, list(templates), text
 
 
+def prompt_names(model: Any, attrs: dict[str, Any], where: str) -> list[str]:
+    """The names the text tower is prompted with: ``model.class_prompts`` (one per class, label order) or
+    the store's class names. Folder names such as "ApplyEyeMakeup" or "static_circle" read badly to CLIP."""
+    from evl_cache.templates import read_class_names
+
+    names = list(attrs["class_names"])
+    if model.class_prompts is None:
+        return names
+    try:
+        given = read_class_names(model.class_prompts)
+    except UserError as err:
+        raise UserError(f"model.class_prompts: {err}") from None
+    if len(given) != len(names):
+        raise UserError(f"model.class_prompts: {model.class_prompts} has {len(given)} names but store {where} has "
+                        f"{len(names)} classes; give one name per class, line i naming label i ({names[0]!r} first)")
+    return given
+
+
 def zero_shot_classifier(cfg: LinearProbeConfig) -> tuple[Tensor, float]:
     """(C, E) unit prompt-ensemble class embeddings and exp(logit_scale), as `evl-cache zeroshot` computes
     them (fp32, CPU), through its on-disk cache of text embeddings."""
@@ -280,7 +298,7 @@ def zero_shot_classifier(cfg: LinearProbeConfig) -> tuple[Tensor, float]:
 
 class LinearProbeSpec(HeadSpec):
     name = "linear"
-    options = ("linear_norm", "linear_init", "text_templates", "text_weights")
+    options = ("linear_norm", "linear_init", "text_templates", "text_weights", "class_prompts")
 
     def needs(self, cfg: Any) -> tuple[str, ...]:
         return ("emb",)
@@ -295,7 +313,7 @@ class LinearProbeSpec(HeadSpec):
         if init not in LINEAR_INITS:
             raise UserError(f"model.linear_init={init!r} must be one of {LINEAR_INITS}")
         if init != "text":
-            stray = [k for k in ("text_templates", "text_weights") if getattr(model, k) is not None]
+            stray = [k for k in ("text_templates", "text_weights", "class_prompts") if getattr(model, k) is not None]
             if stray:
                 raise UserError(f"model.{stray[0]} applies to the linear head only with model.linear_init=text; "
                                 f"set model.linear_init=text or remove model.{stray[0]}")
@@ -305,7 +323,7 @@ class LinearProbeSpec(HeadSpec):
                             "video embedding; drop model.linear_norm=false or model.linear_init=text")
         name, templates, text = text_spec_for_store(model, attrs, where, DEFAULT_TEMPLATES)
         return LinearProbeConfig(embed_dim=int(attrs["embed_dim"]), norm=norm, init="text",
-                                 class_names=list(attrs["class_names"]), templates=templates, template_set=name,
+                                 class_names=prompt_names(model, attrs, where), templates=templates, template_set=name,
                                  text=text, **shape)
 
     def config_from_dict(self, d: dict[str, Any]) -> LinearProbeConfig:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from evl_cache.decoder import LayerNorm, QuickGELU
 from evl_cache.errors import UserError
 from evl_cache.heads import HeadSpec, check_needs, expect, register_head
-from evl_cache.heads.probes import _from_dict, _shape_of_store, check_tokens, text_spec_for_store
+from evl_cache.heads.probes import _from_dict, _shape_of_store, check_tokens, prompt_names, text_spec_for_store
 
 DEFAULT_TEMPLATES = "xclip"  # X-CLIP's released code feeds the bare class name
 
@@ -246,7 +246,7 @@ def class_text_embeddings(cfg: XCLIPConfig) -> tuple[Tensor, float]:
 
 class XCLIPSpec(HeadSpec):
     name = "xclip"
-    options = ("mit_layers", "prompt_layers", "prompt_alpha", "text_templates", "text_weights")
+    options = ("mit_layers", "prompt_layers", "prompt_alpha", "text_templates", "text_weights", "class_prompts")
 
     def needs(self, cfg: Any) -> tuple[str, ...]:
         return ("emb", "last_block")
@@ -261,7 +261,7 @@ class XCLIPSpec(HeadSpec):
             mit_layers=1 if model.mit_layers is None else int(model.mit_layers),
             prompt_layers=2 if model.prompt_layers is None else int(model.prompt_layers),
             prompt_alpha=0.1 if model.prompt_alpha is None else float(model.prompt_alpha),
-            class_names=list(attrs["class_names"]), templates=list(templates), template_set=name, text=text)
+            class_names=prompt_names(model, attrs, where), templates=list(templates), template_set=name, text=text)
 
     def config_from_dict(self, d: dict[str, Any]) -> XCLIPConfig:
         return _from_dict(XCLIPConfig, d)
