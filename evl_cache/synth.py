@@ -275,6 +275,17 @@ CLASS_SPECS: dict[str, ClassSpec] = {s.name: s for s in [
     ClassSpec("static_cross", "appearance", "a still cross (sub-pixel jitter)", _static("cross")),
 ]}
 
+# What each class is called when a text tower is prompted (model.class_prompts, zero-shot): plain words,
+# as a caption would say it. The tiny CLIP's captions (pipelines/pretrain_tiny_clip.py) describe still
+# frames only, so only the appearance classes' names carry meaning for it.
+PROMPT_NAMES: dict[str, str] = {
+    "moving_left": "moving left", "moving_right": "moving right", "moving_up": "moving up", "moving_down": "moving down",
+    "rotating_cw": "rotating clockwise", "rotating_ccw": "rotating counter-clockwise", "growing": "growing",
+    "shrinking": "shrinking", "approaching": "approaching", "separating": "separating", "appearing": "appearing",
+    "disappearing": "disappearing", "static_circle": "circle", "static_square": "square",
+    "static_triangle": "triangle", "static_cross": "cross",
+}
+
 # 14 by default: the fade pair is left out because it is the slowest for small decoders to learn
 # and keeps the default near the first trials' size; pick it with --classes.
 DEFAULT_CLASSES: tuple[str, ...] = tuple(n for n in CLASS_SPECS if n not in ("appearing", "disappearing"))

@@ -83,7 +83,9 @@ class Plan:
     min_steps: int
     heads: list[Head]
     templates: str | None = None  # the linear head's and zero-shot's (default clip-kinetics700)
+    class_prompts: str | None = None  # a names file (label order) or "synthetic" (evl_cache.synth.PROMPT_NAMES)
     head_train: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-head train: overrides
+    head_model: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-head model: overrides
     allow_short: bool = False
 
 
@@ -99,10 +101,11 @@ def parse_list(spec: str | None, what: str) -> list[str] | None:
 def make_plan(recipe: dict[str, Any], args: argparse.Namespace) -> Plan:
     """``pipeline.fewshot`` of the recipe (shots, seed, epochs, min_steps, heads, templates, train), then the flags."""
     fs = dict(recipe["pipeline"].get("fewshot") or {})
-    unknown = sorted(set(fs) - {"shots", "seed", "epochs", "min_steps", "heads", "templates", "train"})
+    keys = {"shots", "seed", "epochs", "min_steps", "heads", "templates", "class_prompts", "train", "model"}
+    unknown = sorted(set(fs) - keys)
     if unknown:
         raise UserError(f"recipe {recipe.get('_path')}: pipeline.fewshot has unknown key(s) {unknown}; "
-                        f"use shots, seed, epochs, min_steps, heads, templates, train")
+                        f"use {', '.join(sorted(keys))}")
     values = {**DEFAULTS, **{k: v for k, v in fs.items() if k in DEFAULTS}, **(SMOKE if args.smoke else {})}
     shots = parse_list(args.shots, "shots") or values["shots"]
     try:
@@ -115,14 +118,18 @@ def make_plan(recipe: dict[str, Any], args: argparse.Namespace) -> Plan:
     bad = [n for n in names if n not in HEADS]
     if bad:
         raise UserError(f"--heads: unknown head(s) {bad}; use some of {', '.join(HEADS)}")
-    head_train = dict(fs.get("train") or {})
-    stray = sorted(set(head_train) - set(HEADS))
-    if stray:
-        raise UserError(f"recipe {recipe.get('_path')}: pipeline.fewshot.train names unknown head(s) {stray}; use {list(HEADS)}")
+    head_train, head_model = dict(fs.get("train") or {}), dict(fs.get("model") or {})
+    for section, per_head in (("train", head_train), ("model", head_model)):
+        stray = sorted(set(per_head) - set(HEADS))
+        if stray:
+            raise UserError(f"recipe {recipe.get('_path')}: pipeline.fewshot.{section} names unknown head(s) {stray}; "
+                            f"use {list(HEADS)}")
     return Plan(shots=shots, seed=int(args.seed if args.seed is not None else values["seed"]),
                 epochs=float(args.epochs if args.epochs is not None else values["epochs"]),
                 min_steps=int(values["min_steps"]), heads=[HEADS[n] for n in names], templates=fs.get("templates"),
-                head_train={k: dict(v or {}) for k, v in head_train.items()}, allow_short=args.allow_short)
+                class_prompts=fs.get("class_prompts"),
+                head_train={k: dict(v or {}) for k, v in head_train.items()},
+                head_model={k: dict(v or {}) for k, v in head_model.items()}, allow_short=args.allow_short)
 
 
 def smoke_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -191,13 +198,17 @@ def prepare_stores(recipe: dict[str, Any], args: argparse.Namespace, work: Path,
 # ------------------------------------------------------------------------------ training and evaluation
 
 
-def run_config(recipe: dict[str, Any], plan: Plan, head: Head, k: int, steps: int, train_store: Path) -> Any:
+def run_config(recipe: dict[str, Any], plan: Plan, head: Head, k: int, steps: int, train_store: Path,
+               class_prompts: Path | None = None) -> Any:
     """The `RunConfig` of one (head, K): the head's model keys, the recipe's train section with ``steps``."""
     from evl_cache.config import RunConfig
 
     model = dict(recipe["model"]) if head.use_recipe_model else dict(head.model)
     if head.name in ("linear_text",) and plan.templates:
         model["text_templates"] = plan.templates
+    if head.text and class_prompts is not None:
+        model["class_prompts"] = str(class_prompts)
+    model.update(plan.head_model.get(head.name, {}))
     train = {**recipe["train"], "steps": steps, "eval_every": steps, "checkpoint_every": steps,
              **plan.head_train.get(head.name, {})}
     if int(train.get("warmup_steps", 0)) >= steps:
@@ -205,6 +216,52 @@ def run_config(recipe: dict[str, Any], plan: Plan, head: Head, k: int, steps: in
     data = {**recipe["data"], "train_store": str(train_store), "val_store": None, "few_shot": k,
             "few_shot_seed": plan.seed, "few_shot_allow_short": plan.allow_short}
     return RunConfig.from_dict({"model": model, "train": train, "data": data}, where=recipe.get("_path", "recipe"))
+
+
+def class_prompts_file(plan: Plan, names: list[str], work: Path) -> Path | None:
+    """The names file the text heads and zero-shot prompt with: the recipe's file, or for "synthetic" one
+    written from `evl_cache.synth.PROMPT_NAMES` in the store's label order; None: the store's names."""
+    from evl_cache.synth import PROMPT_NAMES
+
+    if plan.class_prompts is None:
+        return None
+    if plan.class_prompts != "synthetic":
+        return Path(plan.class_prompts)
+    missing = [n for n in names if n not in PROMPT_NAMES]
+    if missing:
+        raise UserError(f"pipeline.fewshot.class_prompts: synthetic names only synthetic classes, and the store has "
+                        f"{missing[0]!r}; give a names file instead")
+    path = work / "class_prompts.txt"
+    write_text_atomic(path, "\n".join(PROMPT_NAMES[n] for n in names) + "\n")
+    return path
+
+
+def synthetic_kinds(names: list[str]) -> list[str] | None:
+    """Each class's kind ("motion" | "appearance") when every class is a synthetic benchmark class."""
+    from evl_cache.synth import CLASS_SPECS
+
+    return [CLASS_SPECS[n].kind for n in names] if all(n in CLASS_SPECS for n in names) else None
+
+
+def top1_by_kind(eval_dir: Path, kinds: list[str]) -> dict[str, dict[str, float]]:
+    """Per kind of class, from eval's scores.npz: top-1 over all classes, and within the kind's classes only.
+
+    Why: on the synthetic benchmark the text tower knows the appearance classes' names and nothing about
+    motion, so one overall number hides where text helps."""
+    import numpy as np
+
+    z = np.load(eval_dir / "scores.npz", allow_pickle=False)
+    scores, labels = z["scores"], z["label"]
+    kind_of = np.array(kinds)
+    out = {}
+    for kind in sorted(set(kinds)):
+        rows = (labels >= 0) & (kind_of[np.clip(labels, 0, None)] == kind)
+        cols = np.flatnonzero(kind_of == kind)
+        within = cols[scores[rows][:, cols].argmax(1)]
+        out[kind] = {"top1": float((scores[rows].argmax(1) == labels[rows]).mean()),
+                     "top1_within": float((within == labels[rows]).mean()), "classes": int(len(cols)),
+                     "videos": int(rows.sum())}
+    return out
 
 
 def steps_for(plan: Plan, videos: int, batch: int) -> int:
@@ -236,6 +293,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             say(f"{banner}\n!! the store's CLIP weights cannot encode class names: {problem}\n"
                 f"!! the text heads are not run; pass --config with a CLIP that has a text tower\n{banner}")
             unavailable = {h.name: problem for h in plan.heads if h.text}
+    prompts = class_prompts_file(plan, names, work) if not unavailable else None
+    kinds = synthetic_kinds(names)
     batch = int(recipe["train"].get("batch_size", 256))
     cells: dict[str, dict[int, dict[str, Any]]] = {h.name: {} for h in plan.heads}
     total = sum(1 for h in plan.heads if h.name not in unavailable) * len(plan.shots)
@@ -248,7 +307,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             i += 1
             hb = int(plan.head_train.get(head.name, {}).get("batch_size", batch))
             steps = steps_for(plan, n, hb)
-            cfg = run_config(recipe, plan, head, k, steps, stores.train)
+            cfg = run_config(recipe, plan, head, k, steps, stores.train, prompts if head.text else None)
             run_dir, eval_dir = work / "runs" / f"{head.name}_k{k}", work / "eval" / f"{head.name}_k{k}"
             say(f"[4/5] ({i}/{total}) {head.label}, K = {k} ({n} videos): {steps} steps x batch {hb} -> {rel(run_dir)}")
             tr = train_stage(stores.ledger, f"train_{head.name}_k{k}", cfg, run_dir, progress=not args.no_progress)
@@ -258,21 +317,28 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                                    "batch_size": hb, "train_s": tr.seconds, "eval_s": ev.seconds,
                                    "eval_videos": m["videos"], "final_loss": tr.info.get("final_loss"),
                                    "run_dir": rel(run_dir)}
+            if kinds:
+                cells[head.name][k]["by_kind"] = top1_by_kind(eval_dir, kinds)
     zeroshot = None
     if "linear_text" in cells and "linear_text" not in unavailable:
-        zeroshot = zeroshot_point(stores, names, plan, work)
+        zeroshot = zeroshot_point(stores, names, plan, work, prompts)
+        if kinds:
+            zeroshot["by_kind"] = top1_by_kind(work / "eval" / "zeroshot", kinds)
     return {"plan": plan, "cells": cells, "unavailable": unavailable, "zeroshot": zeroshot, "smoke": args.smoke,
             "backbone": stores.note, "train_store": rel(stores.train), "val_store": rel(stores.val),
             "subsets": {k: {"videos": len(s.videos), "short": s.short} for k, s in subsets.items()},
-            "classes": len(names), "threads": threads, "wall_s": time.perf_counter() - began, "work": work}
+            "classes": len(names), "kinds": kinds, "class_prompts": rel(prompts) if prompts else None, "threads": threads, "wall_s": time.perf_counter() - began, "work": work}
 
 
-def zeroshot_point(stores: Stores, names: list[str], plan: Plan, work: Path) -> dict[str, Any]:
-    """K = 0 of the text-initialised linear head: `evl-cache zeroshot` on the eval store, same templates."""
+def zeroshot_point(stores: Stores, names: list[str], plan: Plan, work: Path, prompts: Path | None = None) -> dict[str, Any]:
+    """K = 0 of the text-initialised linear head: `evl-cache zeroshot` on the eval store, same templates
+    and class names (``prompts``, matched to the store's labels by position, else the store's own)."""
+    from evl_cache.templates import read_class_names
     from evl_cache.zeroshot import DEFAULT_TEMPLATES, zeroshot_store
 
     classes = work / "classes.txt"
-    write_text_atomic(classes, "\n".join(names) + "\n")
+    prompt_names = read_class_names(prompts) if prompts else names
+    write_text_atomic(classes, "\n".join(prompt_names) + "\n")
     out = work / "eval" / "zeroshot"
     templates = plan.templates or DEFAULT_TEMPLATES
 
@@ -282,7 +348,7 @@ def zeroshot_point(stores: Stores, names: list[str], plan: Plan, work: Path) -> 
         return {"top1": m["top1"], "top5": m["top5"]}
 
     say(f"[5/5] zero-shot (K = 0) on {rel(stores.val)} with templates {templates}")
-    res = stores.ledger.run("zeroshot", {"store": str(stores.val), "classes": names, "templates": templates}, fn,
+    res = stores.ledger.run("zeroshot", {"store": str(stores.val), "classes": prompt_names, "templates": templates}, fn,
                             complete=lambda: (out / "metrics.json").is_file(), outputs=[out])
     m = read_metrics(out)
     return {"top1": m["top1"], "top5": m["top5"], "topk": m["topk"], "eval_videos": m["videos"], "seconds": res.seconds,
@@ -325,6 +391,8 @@ def write_table(out: Path, result: dict[str, Any]) -> dict[str, Any]:
                   "linear head's weights before any step.\n")
     for name, why in result["unavailable"].items():
         md.append(f"- **{HEADS[name].label}: not run.** {why}\n")
+    if result.get("kinds"):
+        md.append(by_kind_section(plan, cells, zs, result["kinds"]))
     md += ["## Runs\n", md_table(["head", "K", "videos", "steps x batch", "top-1", "top-5", "train", "eval"], detail),
            f"Threads: {result['threads']} ({platform.processor() or platform.machine()}); wall time of this invocation "
            f"{fmt_s(result['wall_s'])} (stage times are as measured when each stage ran).\n",
@@ -338,6 +406,23 @@ def write_table(out: Path, result: dict[str, Any]) -> dict[str, Any]:
                      for k, c in sorted(cells.get(h.name, {}).items())]}
     write_text_atomic(out / "table.json", json.dumps(data, indent=2, default=str) + "\n")
     return data
+
+
+def by_kind_section(plan: Plan, cells: dict[str, dict[int, dict[str, Any]]], zs: dict[str, Any] | None,
+                    kinds: list[str]) -> str:
+    """Top-1 on each kind of synthetic class: over all classes, and within that kind's classes only."""
+    order = sorted(set(kinds))
+    counts = {kind: kinds.count(kind) for kind in order}
+    header = ["head", "K"] + [f"{kind} ({counts[kind]} classes): all / within" for kind in order]
+
+    def row(label: str, k: str, by_kind: dict[str, Any]) -> list[str]:
+        return [label, k] + [f"{pct(by_kind[kind]['top1'])} / {pct(by_kind[kind]['top1_within'])}" for kind in order]
+
+    rows = [row("zero-shot (text only)", "0", zs["by_kind"])] if zs and "by_kind" in zs else []
+    rows += [row(h.label, str(k), c["by_kind"]) for h in plan.heads for k, c in sorted(cells.get(h.name, {}).items())
+             if "by_kind" in c]
+    return ("## By kind of class\n\nTop-1 on the eval videos of each kind: \"all\" picks among every class, "
+            "\"within\" only among that kind's classes (chance: 1 / classes).\n\n" + md_table(header, rows))
 
 
 def plot(out: Path, result: dict[str, Any]) -> Path:

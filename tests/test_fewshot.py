@@ -255,6 +255,58 @@ def test_text_init_refusals(env, tmp_path, monkeypatch):
     assert not (tmp_path / "r").exists()
 
 
+def test_class_prompts_rename_the_classes_for_the_text_heads(env, tmp_path, monkeypatch):
+    """model.class_prompts: the linear head starts from the prompts' text embeddings (not the store's names),
+    X-CLIP's text side encodes them too; the checkpoint's class names stay the store's."""
+    from evl_cache.config import ModelConfig
+    from evl_cache.heads import build_head, head_config_for_store
+    from evl_cache.text import class_text_embeddings
+    from evl_cache.templates import resolve_templates
+    from evl_cache.zeroshot import DEFAULT_TEMPLATES, spec_like_store
+
+    monkeypatch.setenv("EVL_CACHE_TEXT_CACHE", str(tmp_path / "text"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# label order\nsquare going left\nsquare going right\n")
+    store = open_store(env["full"])
+    cfg = head_config_for_store(ModelConfig(head="linear", linear_init="text", class_prompts=str(prompts)),
+                                store.attrs, env["full"])
+    assert cfg.class_names == ["square going left", "square going right"]
+    model = build_head(cfg)
+    spec = spec_like_store(store.attrs, env["full"], precision="fp32")
+    templates = resolve_templates(DEFAULT_TEMPLATES)[1]
+    want = class_text_embeddings(spec, cfg.class_names, templates)
+    plain = class_text_embeddings(spec, ["left", "right"], templates)
+    torch.testing.assert_close(model.fc.weight, want.logit_scale * torch.nn.functional.normalize(want.emb, dim=-1))
+    assert not torch.allclose(want.emb, plain.emb, atol=1e-3)  # the prompts made a difference
+    xcfg = head_config_for_store(ModelConfig(head="xclip", class_prompts=str(prompts)), store.attrs, env["full"])
+    assert xcfg.class_names == ["square going left", "square going right"]
+    run = tmp_path / "run"
+    train(run_cfg(env["full"], steps=1, model={"head": "linear", "linear_init": "text", "class_prompts": str(prompts)}),
+          run, progress=False)
+    doc = json.loads((run / "model.json").read_text())
+    assert doc["decoder"]["class_names"] == ["square going left", "square going right"]
+    assert doc["meta"]["class_names"] == ["left", "right"]
+
+
+def test_class_prompts_refusals(env, tmp_path, monkeypatch):
+    monkeypatch.setenv("EVL_CACHE_TEXT_CACHE", str(tmp_path / "text"))
+    three = tmp_path / "three.txt"
+    three.write_text("a\nb\nc\n")
+    cases = [
+        ({"head": "linear", "linear_init": "text", "class_prompts": str(three)},
+         "model.class_prompts: .*three.txt has 3 names but store .* has 2 classes"),
+        ({"head": "linear", "linear_init": "text", "class_prompts": str(tmp_path / "none.txt")},
+         "model.class_prompts: class file .*none.txt not found"),
+        ({"head": "linear", "class_prompts": str(three)}, "model.class_prompts applies to the linear head only with"),
+        ({"class_prompts": str(three)}, "model.class_prompts applies to"),
+    ]
+    for model, needle in cases:
+        with pytest.raises(UserError, match=needle) as err:
+            train(run_cfg(env["full"], model=model), tmp_path / "r", progress=False)
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "r").exists()
+
+
 # ------------------------------------------------------------------------------------ the recipe (pipelines/fewshot.py)
 
 
@@ -333,3 +385,47 @@ def test_recipe_refuses_a_k_beyond_the_store_in_one_line(env, tmp_path):
     with pytest.raises(UserError, match="--heads: unknown head"):
         _fewshot_main("--config", _recipe(tmp_path), "--heads", "mlp", "--train-store", env["full"], "--val-store",
                       env["full"], "--work", str(tmp_path / "work"))
+
+
+def test_recipe_prompts_with_class_prompts_and_per_head_model_keys(env, tmp_path):
+    """pipeline.fewshot.class_prompts renames the classes for the text heads and zero-shot (by position);
+    pipeline.fewshot.model sets a head's model keys (here X-CLIP's templates)."""
+    import yaml
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("square going left\nsquare going right\n")
+    recipe = yaml.safe_load(open(_recipe(tmp_path, "xclip,linear_text")))
+    recipe["pipeline"]["fewshot"].update(class_prompts=str(prompts), model={"xclip": {"text_templates": "photo"}})
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    args = ("--smoke", "--config", str(tmp_path / "recipe.yaml"), "--train-store", env["full"], "--val-store", env["full"],
+            "--shots", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))
+    assert _fewshot_main(*args) == 0
+    for head in ("xclip", "linear_text"):
+        doc = json.loads((tmp_path / "work" / "runs" / f"{head}_k1" / "model.json").read_text())
+        assert doc["decoder"]["class_names"] == ["square going left", "square going right"], head
+    xclip = json.loads((tmp_path / "work" / "runs" / "xclip_k1" / "model.json").read_text())
+    assert xclip["decoder"]["templates"] == ["a photo of a {}."]
+    assert (tmp_path / "work" / "classes.txt").read_text().splitlines() == ["square going left", "square going right"]
+    with np.load(tmp_path / "work" / "eval" / "zeroshot" / "scores.npz") as z:
+        assert list(z["class_names"]) == ["square going left", "square going right"]
+
+
+def test_top1_by_kind_scores_each_kind_over_all_classes_and_within_its_own(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
+    import fewshot as recipe
+
+    kinds = ["motion", "motion", "appearance", "appearance"]
+    scores = np.array([[0.6, 0.1, 0.2, 0.1],   # motion 0: right
+                       [0.1, 0.2, 0.6, 0.1],   # motion 1: wrong overall (an appearance class), right within motion
+                       [0.1, 0.1, 0.7, 0.1],   # appearance 2: right
+                       [0.5, 0.1, 0.3, 0.1]],  # appearance 3: wrong overall and within
+                      dtype=np.float32)
+    np.savez(tmp_path / "scores.npz", scores=scores, label=np.array([0, 1, 2, 3]))
+    got = recipe.top1_by_kind(tmp_path, kinds)
+    assert got["motion"] == {"top1": 0.5, "top1_within": 1.0, "classes": 2, "videos": 2}
+    assert got["appearance"] == {"top1": 0.5, "top1_within": 0.5, "classes": 2, "videos": 2}
+    assert recipe.synthetic_kinds(["moving_left", "static_circle"]) == ["motion", "appearance"]
+    assert recipe.synthetic_kinds(["left", "right"]) is None
