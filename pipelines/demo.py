@@ -26,17 +26,35 @@ from typing import Any
 from common import (
     ROOT, Ledger, class_kinds, clip_backbone_from_env, copy_into, eval_stage, extract_plan, extract_stage, fmt_bytes,
     fmt_s, load_recipe, rel, main_guard, md_table, pct, read_metrics, run_config, say, set_threads, split_accuracy,
-    synth_stage, tiny_backbone, train_stage, write_text_atomic,
+    TINY_DIR, synth_stage, tiny_backbone, train_stage, write_text_atomic,
 )
+
+from evl_cache.errors import UserError
+
+
+def recipe_backbone(recipe: dict[str, Any]) -> tuple[str, str, str] | None:
+    """The recipe's own ``extract.arch``/``extract.weights`` when they name another model than the tiny ViT
+    (e.g. the tiny CLIP of configs/synthetic_text_demo.yaml); None for the tiny ViT and its fallback."""
+    e = recipe.get("extract") or {}
+    if not e.get("weights") or e["weights"] == "random":
+        return None
+    weights, arch = ROOT / e["weights"], ROOT / e.get("arch", "")
+    if weights.resolve() == (TINY_DIR / "weights.safetensors").resolve():
+        return None
+    if not weights.is_file() or not arch.is_file():
+        missing = weights if not weights.is_file() else arch
+        raise UserError(f"recipe {recipe.get('_path', 'config')}: extract.arch/extract.weights {rel(missing)} not found; "
+                        f"make it first (e.g. `make pretrain-tiny-clip` for evl_cache/assets/tiny_clip) or fix the path")
+    return str(arch), str(weights), f"the recipe's backbone {rel(weights.parent)}"
 
 
 def backbone_choice(recipe: dict[str, Any], work: Path) -> tuple[str, str, str]:
-    """(arch, weights, note): real CLIP from the environment, else the committed tiny ViT."""
+    """(arch, weights, note): real CLIP from the environment, else the recipe's own model, else the committed tiny ViT."""
     clip = clip_backbone_from_env()
     if clip is not None:
         say(f"backbone: {clip[2]} -- real CLIP on CPU is slow (about 17 GMACs per frame for B/16)")
         return clip
-    arch, weights, note = tiny_backbone(work)
+    arch, weights, note = recipe_backbone(recipe) or tiny_backbone(work)
     say(f"backbone: {note}")
     return arch, weights, note
 
