@@ -480,9 +480,14 @@ def derive_emb(
     arch: str = typer.Option(None, help="open_clip model name or config JSON (default: the store's)."),
     trust_torchscript: bool = typer.Option(False, help="Load a TorchScript --weights file (code) that is not a known OpenAI CLIP release."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+    storage_options: Path = typer.Option(None, "--storage-options", help="JSON/YAML file of fsspec options for a URL store "
+                                                                          "(s3://...); credentials also come from AWS_* variables."),
 ) -> None:
     """Add per-frame CLIP embeddings (emb = ln_post(CLS) @ proj) to a store from its cached last block."""
     from evl_cache.derive import derive_emb as run_derive
+    from evl_cache.location import use_options_file
+
+    use_options_file(storage_options)
 
     for line in run_derive(store, weights=weights, arch=arch, trust_torchscript=trust_torchscript, device=device).lines():
         typer.echo(line)

@@ -5,6 +5,11 @@ block has; ``ln_post`` and ``proj`` come from the same CLIP weights the store wa
 (checked by sha256). The new ``emb`` array is written shard by shard, fsynced, and only then do the
 store's attributes name it, so an interrupted run leaves a store that reads as before and a rerun
 starts over (docs/zero-shot.md, "Deriving emb").
+
+On a URL store the same order holds with objects: each shard is one PUT, seen whole or not at all,
+and the commit point is the PUT of the root ``zarr.json`` that names ``emb``, after every shard's PUT
+has returned. Readers rely on the object store's read-after-write consistency (S3, GCS and Azure give
+it) to see those shards once they see the new ``zarr.json``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from evl_cache import location
 from evl_cache.errors import UserError
+from evl_cache.faults import fault_point
 
 
 @dataclass
@@ -50,10 +57,6 @@ def derive_emb(store_path: str, weights: str | None = None, arch: str | None = N
     )
     from evl_cache.zeroshot import spec_like_store, with_flag
 
-    from evl_cache.location import is_url
-
-    if is_url(store_path):
-        raise UserError(f"derive-emb cannot write to a URL store yet ({store_path}): copy it to a local path, derive, copy back")
     started = time.perf_counter()
     store = with_flag("STORE", open_store, store_path, mode="r+")
     attrs = dict(store.attrs)
@@ -94,8 +97,10 @@ def derive_emb(store_path: str, weights: str | None = None, arch: str | None = N
                 emb = visual.ln_post(feats[:, :, 0]) @ visual.proj  # (n, T, E)
             for (i, v), value in zip(chunk, emb.to(torch.float16).cpu().numpy()):
                 full[i - lo, v] = value
-        arr[lo:hi] = full
-        sync_files([store.reader("emb").shard_file(shard)])
+        arr[lo:hi] = full  # a local file: temp file renamed into place; a URL store: one PUT
+        if not location.is_url(store_path):
+            sync_files([store.reader("emb").shard_file(shard)])
+        fault_point("derive_shard", shard)
         views += len(items)
     store.group.attrs["evl_cache"] = new_attrs  # the commit point: from here on the store names emb
     return DeriveSummary(store_path, len(done), views, embed_dim, time.perf_counter() - started)

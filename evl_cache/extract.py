@@ -374,7 +374,9 @@ def store_exists(store_path: str) -> bool:
 
 
 def write_tail(store: CacheStore, backbone: Any) -> CacheStore:
-    """Put the frozen tail blocks' weights into a prefix-layout store and record their sha256."""
+    """Put the frozen tail blocks' weights into a prefix-layout store (a file, or an object of a URL
+    store), then record their sha256: the record is written only once the weights are whole, so a
+    reader never takes a store whose tail write was interrupted for a finished one."""
     from evl_cache.prefix import save_tail
 
     attrs = dict(store.attrs)
@@ -420,8 +422,6 @@ def extract(manifest: Any, store_path: str, cfg: ExtractConfig) -> ExtractSummar
         raise UserError("--blocks none caches no block; add --emb for an emb-only store, or name the blocks to cache")
     if cfg.blocks == [] and cfg.layout == "prefix":
         raise UserError("--layout prefix needs cached blocks; drop --blocks none or use --layout full")
-    if cfg.layout == "prefix" and location.is_url(store_path):
-        raise UserError(f"--layout prefix cannot write to a URL store yet ({store_path}): use --layout full, or a local/shared path")
     if cfg.blocks == []:  # an emb-only store has no block whose attention could be kept
         cfg = dataclasses.replace(cfg, attention="none")
     cfg = dataclasses.replace(cfg, backbone=resolve_precision(cfg))

@@ -24,8 +24,9 @@ shard index, in the driver after a shard's files are durable and before its vide
 ``mark_before_status`` (key: the shard index, in the table flush after the error/metadata columns
 and before the status column), ``shard_write`` (key: the shard index, in the writer before any
 file of the shard is written), ``embed`` (key: the Ray node id, in a backbone actor before each
-batch). The variable is read at each call, so Ray workers started with the
-driver's environment see it too.
+batch), ``derive_shard`` (key: the shard index, in `evl-cache derive-emb` after a shard's ``emb``
+is written and before the store's attributes name ``emb``). The variable is read at each call, so
+Ray workers started with the driver's environment see it too.
 """
 
 from __future__ import annotations

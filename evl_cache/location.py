@@ -118,6 +118,14 @@ def read_bytes(url: str, start: int | None = None, end: int | None = None) -> by
     return fs.cat_file(path, start=start, end=end)
 
 
+def write_bytes(url: str, data: bytes) -> None:
+    """Put ``data`` as the object at ``url``: one PUT (s3fs: a multipart upload for large data), so a
+    reader sees the whole object or none of it, never a partial one."""
+    fs, path = filesystem(url)
+    fs.pipe_file(path, data)
+    fs.invalidate_cache(path)
+
+
 def size(url: str) -> int:
     fs, path = filesystem(url)
     fs.invalidate_cache(path)

@@ -3,7 +3,9 @@
 Real HTTP requests from s3fs/aiobotocore in this process and in the CLI's and Ray's processes; the
 server keeps objects in memory. Extract straight to s3://, then inspect, verify, train and eval from
 it, each equal to the same run on a local path; a killed writer (fault hooks) leaves nothing a reader
-takes for a finished shard, and a resumed extract ends byte-identical.
+takes for a finished shard, and a resumed extract ends byte-identical. Prefix-layout stores keep their
+tail weights as an object of the store (checked by sha256); derive-emb adds emb to a URL store with
+the same commit point as on disk.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -24,8 +27,9 @@ moto_server = pytest.importorskip("moto.server")
 from test_extract import TINY, make_dataset, tree_bytes  # noqa: E402
 
 from evl_cache import location  # noqa: E402
-from evl_cache.backbone import BackboneSpec  # noqa: E402
-from evl_cache.extract import BackboneRunner, ExtractConfig, extract_serially, store_attributes  # noqa: E402
+from evl_cache.backbone import BackboneSpec, load_model_config  # noqa: E402
+from evl_cache.extract import BackboneRunner, ExtractConfig, extract_serially, store_attributes, write_tail  # noqa: E402
+from evl_cache.prefix import tail_blocks  # noqa: E402
 from evl_cache.faults import InjectedFault  # noqa: E402
 from evl_cache.store import create_store  # noqa: E402
 from evl_cache.video import Sampling, ViewSet  # noqa: E402
@@ -77,7 +81,7 @@ VIEWS = ViewSet("train", count=2, temporal=1, spatial=1, seed=0)
 def extract_args(s3: dict, store: str, *extra: str) -> list[str]:
     return [*EVL, "extract", "--dataset", "list", "--root", str(s3["root"] / "videos"), "--annotations", str(s3["csv"]),
             "--store", store, "--arch", TINY, "--weights", "random", "--seed", "3", "--frames", "4", "--stride", "2",
-            "--views", "train:2", "--shard-size", "2", "--num-cpus", "2", *extra]
+            "--views", "train:2", "--blocks", "1,2", "--shard-size", "2", "--num-cpus", "2", *extra]
 
 
 def run(args: list[str], env: dict, check: bool = True) -> subprocess.CompletedProcess:
@@ -114,15 +118,22 @@ def videos(s3: dict) -> tuple[list[str], list[int]]:
     return [str(s3["root"] / "videos" / r[0]) for r in rows], [["left", "right"].index(r[1]) for r in rows]
 
 
-def build(s3: dict, store: str, create: bool = True) -> str:
+def build(s3: dict, store: str, create: bool = True, layout: str = "full") -> str:
     """Extract the dataset into ``store`` (a path or URL) with extract's work units, serially (no Ray):
-    the writer's `write_batches` opens the store by its location, as a Ray writer task does."""
+    the writer's `write_batches` opens the store by its location, as a Ray writer task does. A prefix
+    layout store gets its tail weights as `extract` gives them (`write_tail`, before any shard)."""
     paths, labels = videos(s3)
-    cfg = ExtractConfig(backbone=SPEC, sampling=SAMPLING, views=VIEWS, blocks=[1, 2], shard_size=2)
+    cfg = ExtractConfig(backbone=SPEC, sampling=SAMPLING, views=VIEWS, blocks=[1, 2], shard_size=2, layout=layout)
     probe = BackboneRunner(SPEC.to_dict(), [1, 2], "maps", "float16", device="cpu").backbone
     attrs = store_attributes(probe.describe(), probe.blocks, cfg, ["left", "right"], "test", {})
-    runner = BackboneRunner(SPEC.to_dict(), [1, 2], "maps", attrs["dtype"], device="cpu", attn_format=attrs["attn_format"])
+    if layout == "prefix":
+        attrs["model_config"] = {k: v for k, v in load_model_config(SPEC.arch).items() if k in ("embed_dim", "vision_cfg")}
+        attrs["tail"] = {"file": "tail_weights.safetensors", "blocks": tail_blocks(probe.blocks)}
+    runner = BackboneRunner(SPEC.to_dict(), [1, 2], "maps", attrs["dtype"], device="cpu", attn_format=attrs["attn_format"],
+                            layout=layout)
     st = create_store(store, attrs, paths, labels, shard_size=2) if create else open_store(store, mode="r+")
+    if layout == "prefix" and create:
+        st = write_tail(st, probe)
     extract_serially(st, runner, paths, [Path(p).name for p in paths])
     return store
 
@@ -241,20 +252,105 @@ def test_options_file_carries_credentials_and_refusals_are_one_line(s3, stores, 
         location._fs_cache.clear()
 
 
-def test_url_refusals_are_one_clear_line(s3, stores, tmp_path):
-    from evl_cache.datasets import load_manifest
-    from evl_cache.derive import derive_emb
-    from evl_cache.extract import extract
-
+def test_a_missing_url_store_is_one_clear_line(s3):
     with pytest.raises(UserError, match="no cache store at s3://"):
         open_store(f"s3://{BUCKET}/nothing-here")
-    manifest = load_manifest("list", str(s3["root"] / "videos"), "train", annotations=str(s3["csv"]))
-    cfg = ExtractConfig(backbone=SPEC, sampling=SAMPLING, views=VIEWS, blocks=[1, 2], shard_size=2, layout="prefix")
-    with pytest.raises(UserError, match="--layout prefix cannot write to a URL store yet"):
-        extract(manifest, f"s3://{BUCKET}/runs/prefix", cfg)
-    assert not s3["fs"].exists(f"{BUCKET}/runs/prefix")
-    with pytest.raises(UserError, match="derive-emb cannot write to a URL store yet"):
-        derive_emb(stores["url"])
+
+
+@pytest.fixture(scope="module")
+def prefix_stores(s3):
+    """The same prefix-layout extraction (tail weights included) to a local path and straight to s3://."""
+    return {"local": build(s3, str(s3["root"] / "prefix.zarr"), layout="prefix"),
+            "url": build(s3, f"s3://{BUCKET}/runs/prefix", layout="prefix")}
+
+
+def copy_store(fs, src: str, dst: str) -> None:
+    for key, data in objects(fs, src).items():
+        fs.pipe_file(f"{dst[5:]}/{key}", data)
+
+
+def test_prefix_store_on_s3_is_the_local_one_and_reads_the_same(s3, prefix_stores):
+    """A prefix store extracted straight to the bucket: the same objects as the local store's files (the
+    tail weights object included), and the reader, which recomputes the tail blocks from the stream with
+    the weights it reads from the bucket, gives the same tensors, per chunk and through the loader."""
+    from evl_cache.data import make_loader, to_device
+
+    got = objects(s3["fs"], prefix_stores["url"])
+    assert "tail_weights.safetensors" in got and "prefix/c.3.0.0.0.0" in got
+    assert got == tree_bytes(Path(prefix_stores["local"]))
+    assert all(SECRET.encode() not in data and b"127.0.0.1" not in data for data in got.values())
+    remote, here = open_store(prefix_stores["url"]), open_store(prefix_stores["local"])
+    assert remote.attrs["layout"] == "prefix" and remote.tensor_names() == ["prefix"]
+    for video, view in [(0, 0), (3, 1), (6, 1)]:
+        a, b = remote.read(video, view), here.read(video, view)
+        assert set(a) == set(b) >= {"feats", "attn"}
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    batches = [next(iter(make_loader(store, 4, train=False, num_workers=0))) for store in prefix_stores.values()]
+    decoded = [to_device(b, torch.device("cpu")) for b in batches]
+    assert torch.equal(batches[0]["prefix"], batches[1]["prefix"])
+    for key in ("feats", "attn"):
+        assert torch.equal(decoded[0][key], decoded[1][key]), key
+
+
+def test_a_tampered_lost_or_unrecorded_tail_object_is_refused_in_one_line(s3, prefix_stores):
+    fs = s3["fs"]
+    url = f"s3://{BUCKET}/runs/prefix-tampered"
+    copy_store(fs, prefix_stores["url"], url)
+    tail = f"{url[5:]}/tail_weights.safetensors"
+    data = bytearray(fs.cat_file(tail))
+    data[-1] ^= 0xFF  # one weight byte
+    fs.pipe_file(tail, bytes(data))
+    with pytest.raises(UserError, match=r"^tail weights s3://\S+/prefix-tampered/tail_weights\.safetensors do not match "
+                                        r"the sha256 the store recorded; re-extract the store$") as err:
+        open_store(url).read(0, 0)
+    assert "\n" not in str(err.value)
+    fs.rm(tail)
+    with pytest.raises(UserError, match=r"^prefix store s3://\S+ has lost its tail weights \(no object s3://\S+\); re-extract"):
+        open_store(url).read(0, 0)
+    copy_store(fs, prefix_stores["url"], url)  # whole again, but its attributes as before write_tail recorded it
+    store = open_store(url, mode="r+")
+    store.group.attrs["evl_cache"] = {**store.attrs, "tail": {k: v for k, v in store.attrs["tail"].items() if k != "sha256"}}
+    with pytest.raises(UserError, match=r"has no recorded tail weights .*rerun the same `evl-cache extract` command$"):
+        open_store(url).read(0, 0)
+
+
+def test_derive_emb_on_s3_equals_local_and_an_interrupted_run_changes_nothing_a_reader_sees(s3, stores, tmp_path, monkeypatch):
+    """derive-emb on a URL store, failed (fault hook) after shard 1's emb object was put: the store's
+    attributes and every other object are as before, it reads and verifies as before; the rerun (the
+    CLI) ends with exactly the objects a failed and rerun derive-emb gives on a local copy."""
+    import shutil
+
+    from evl_cache.derive import derive_emb
+
+    fs = s3["fs"]
+    url = f"s3://{BUCKET}/runs/derive"
+    copy_store(fs, stores["url"], url)
+    local = tmp_path / "derive.zarr"
+    shutil.copytree(stores["local"], local)
+    before = objects(fs, url)
+    monkeypatch.setenv("EVL_CACHE_FAULT", "derive_shard@1=raise")
+    for store_path in (url, str(local)):  # the local copy too: its rerun must also clear the unnamed emb files
+        with pytest.raises(InjectedFault):
+            derive_emb(store_path, device="cpu")
+    monkeypatch.delenv("EVL_CACHE_FAULT")
+    assert (local / "emb" / "c.1.0.0.0").is_file() and not open_store(str(local)).attrs["emb"]
+    after = objects(fs, url)
+    assert "emb/c.1.0.0.0" in after and "emb/c.2.0.0.0" not in after  # shards 0-1 put, never named
+    assert {k: v for k, v in after.items() if not k.startswith("emb/")} == before
+    store = open_store(url)
+    assert not store.attrs["emb"] and "emb" not in store.tensor_names()
+    code, out = cli("verify", url)
+    assert code == 0 and "all intact" in out
+    code, out = cli("derive-emb", url, "--device", "cpu")
+    assert code == 0 and f"store {url}: derived emb (T x 32, float16) for 7 done videos, 14 clip-views" in out, out
+    derive_emb(str(local), device="cpu")
+    got = objects(fs, url)
+    assert got == tree_bytes(local)
+    assert "emb/c.3.0.0.0" in got and open_store(url).tensor_names() == ["feats", "attn", "emb"]
+    assert all(SECRET.encode() not in data and b"127.0.0.1" not in data for data in got.values())
+    code, out = cli("verify", url)
+    assert code == 0 and "all intact" in out
 
 
 @pytest.mark.slow
@@ -274,3 +370,19 @@ def test_cli_extract_on_ray_straight_to_s3_killed_and_resumed(s3, stores):
     ref = objects(fs, stores["url"])
     assert objects(fs, url).keys() == ref.keys()
     assert {k: v for k, v in objects(fs, url).items() if k != "zarr.json"} == {k: v for k, v in ref.items() if k != "zarr.json"}
+
+
+@pytest.mark.slow
+def test_cli_extract_prefix_layout_on_ray_straight_to_s3(s3, prefix_stores):
+    """`evl-cache extract --layout prefix --store s3://...` on the embedded Ray: the tail weights object
+    and every shard object equal the serial prefix extraction's, and `verify` reads it back."""
+    fs = s3["fs"]
+    url = f"s3://{BUCKET}/runs/cli-prefix"
+    out = run(extract_args(s3, url, "--layout", "prefix"), s3["env"])
+    assert "7/7 done" in out.stdout and SECRET not in out.stdout + out.stderr
+    ref = objects(fs, prefix_stores["url"])
+    got = objects(fs, url)
+    assert got.keys() == ref.keys() and "tail_weights.safetensors" in got
+    assert {k: v for k, v in got.items() if k != "zarr.json"} == {k: v for k, v in ref.items() if k != "zarr.json"}
+    assert open_store(url).attrs["tail"] == open_store(prefix_stores["url"]).attrs["tail"]
+    assert "all intact" in run([*EVL, "verify", url], s3["env"]).stdout
