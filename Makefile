@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install test test-slow demo bench bench-gpu reproduce-table1 ablation-table8 ablation-table6 finetune-table12 formats-table explain-demo fewshot-table pretrain-tiny clean
+.PHONY: install test test-slow demo bench bench-gpu reproduce-table1 ablation-table8 ablation-table6 finetune-table12 formats-table explain-demo fewshot-table demo-text pretrain-tiny pretrain-tiny-clip clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -77,11 +77,20 @@ explain-demo: $(STAMP)
 fewshot-table: $(STAMP)
 	$(PY) pipelines/fewshot.py $(SMOKE_FLAG) $(FEWSHOT_ARGS)
 
+# Does text help? The tiny CLIP zero-shot from class names, then few-shot curves at K = 1, 2, 4, 8 for the
+# X-CLIP, text-initialised linear and EVL heads (results/demo_text/table.md + top1_vs_k.png; docs/fewshot.md).
+demo-text: $(STAMP)
+	$(PY) pipelines/fewshot.py --config configs/synthetic_text_demo.yaml --work runs/demo_text --out results/demo_text $(DEMO_TEXT_ARGS)
+
 # The step-based command recorded in evl_cache/assets/tiny_vit/PRETRAIN.md (reproduces the committed weights' schedule).
 PRETRAIN_ARGS ?= --seed 0 --steps 4036 --batch 48 --lr 0.002 --attn-weight 0.5 --obj-weight 4.0
 
 pretrain-tiny: $(STAMP)
 	$(PY) pipelines/pretrain_tiny.py --out evl_cache/assets/tiny_vit $(PRETRAIN_ARGS)
+
+# The tiny CLIP: the tiny ViT's trunk locked, a text tower pretrained on captions of still frames.
+pretrain-tiny-clip: $(STAMP)
+	$(PY) pipelines/pretrain_tiny_clip.py --out evl_cache/assets/tiny_clip --seed 0
 
 clean:
 	rm -rf $(VENV) runs results build *.egg-info

@@ -15,6 +15,9 @@ extracts its config's store with `emb: true` added, or takes an existing pair (-
 The text heads need CLIP weights with a text tower. The demo's tiny ViT (configs/synthetic_demo.yaml)
 has none: then those heads are reported as not run, with the reason, and the EVL head still runs.
 --smoke swaps in a RANDOM tiny CLIP with both towers for such a backbone, so every head's path runs.
+`make demo-text` runs this recipe with configs/synthetic_text_demo.yaml: the committed tiny CLIP
+(evl_cache/assets/tiny_clip), K = 1, 2, 4, 8, plain class names (`class_prompts: synthetic`) and top-1
+per kind of class, to show where text helps on the synthetic benchmark and where it cannot.
 
   .venv/bin/python pipelines/fewshot.py [--config configs/synthetic_demo.yaml] [--shots 2,4,8,16] [--seed 0]
       [--heads xclip,linear_text,evl] [--train-store S --val-store S] [--smoke] [--work runs/fewshot] [--out results/fewshot]
@@ -396,7 +399,7 @@ def write_table(out: Path, result: dict[str, Any]) -> dict[str, Any]:
     md += ["## Runs\n", md_table(["head", "K", "videos", "steps x batch", "top-1", "top-5", "train", "eval"], detail),
            f"Threads: {result['threads']} ({platform.processor() or platform.machine()}); wall time of this invocation "
            f"{fmt_s(result['wall_s'])} (stage times are as measured when each stage ran).\n",
-           "![top-1 vs K](top1_vs_k.png)\n"]
+           "![top-1 vs K](top1_vs_k.png)\n"] + (["![top-1 by kind](top1_by_kind.png)\n"] if result.get("kinds") else [])
     write_text_atomic(out / "table.md", "\n".join(md))
     data = {"smoke": smoke, "backbone": result["backbone"], "shots": plan.shots, "seed": plan.seed, "epochs": plan.epochs,
             "min_steps": plan.min_steps, "train_store": result["train_store"], "val_store": result["val_store"],
@@ -460,6 +463,46 @@ def plot(out: Path, result: dict[str, Any]) -> Path:
     return path
 
 
+def plot_by_kind(out: Path, result: dict[str, Any]) -> Path | None:
+    """One panel per kind of synthetic class: top-1 within the kind's classes against K, one line per head."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds, plan, zs = result.get("kinds"), result["plan"], result["zeroshot"]
+    if not kinds:
+        return None
+    order = sorted(set(kinds))
+    ks = ([0] if zs and "by_kind" in zs else []) + plan.shots
+    pos = {k: i for i, k in enumerate(ks)}
+    fig, axes = plt.subplots(1, len(order), figsize=(5.2 * len(order), 4.2), dpi=110, sharey=True)
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":")]
+    for ax, kind in zip(axes if len(order) > 1 else [axes], order):
+        for j, h in enumerate(plan.heads):
+            pts = [(k, c["by_kind"][kind]["top1_within"]) for k, c in sorted(result["cells"].get(h.name, {}).items())
+                   if "by_kind" in c]
+            if h.name == "linear_text" and zs and "by_kind" in zs:
+                pts = [(0, zs["by_kind"][kind]["top1_within"])] + pts
+            if pts:
+                marker, line = styles[j % len(styles)]
+                ax.plot([pos[k] for k, _ in pts], [100 * v for _, v in pts], marker=marker, linestyle=line,
+                        markersize=8 - 1.5 * j, label=h.label)
+        n = kinds.count(kind)
+        ax.axhline(100 / n, color="grey", linewidth=0.8, linestyle=":")  # chance
+        ax.set_xticks(range(len(ks)), ["0\n(zero-shot)" if k == 0 else str(k) for k in ks])
+        ax.set_xlabel("K (videos per class)")
+        ax.set_title(f"{kind} classes ({n}): top-1 among them (chance {100 / n:.0f}%, dotted)")
+        ax.grid(alpha=0.3)
+    (axes[0] if len(order) > 1 else axes).set_ylabel("top-1 (%)")
+    (axes[-1] if len(order) > 1 else axes).legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "top1_by_kind.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Few-shot top-1 against K for the X-CLIP, text-initialised linear and EVL heads")
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "synthetic_demo.yaml")
@@ -481,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = write_table(out, result)
     plot(out, result)
+    plot_by_kind(out, result)
     say(f"\nfew-shot top-1{' (SMOKE)' if args.smoke else ''}: {rel(out / 'table.md')}")
     if data["zeroshot"]:
         say(f"  {'zero-shot (K = 0)':<30} {pct(data['zeroshot']['top1']):>6}")

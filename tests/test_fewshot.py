@@ -429,3 +429,27 @@ def test_top1_by_kind_scores_each_kind_over_all_classes_and_within_its_own(tmp_p
     assert got["appearance"] == {"top1": 0.5, "top1_within": 0.5, "classes": 2, "videos": 2}
     assert recipe.synthetic_kinds(["moving_left", "static_circle"]) == ["motion", "appearance"]
     assert recipe.synthetic_kinds(["left", "right"]) is None
+
+
+def test_demo_text_config_names_the_tiny_clip_and_plain_class_names():
+    """`make demo-text`'s recipe: the committed tiny CLIP, K = 1..8, synthetic class names, files that exist."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "pipelines"))
+    import fewshot as recipe
+    from common import load_recipe
+    from demo import recipe_backbone
+
+    cfg = load_recipe(root / "configs" / "synthetic_text_demo.yaml")
+    args = argparse.Namespace(smoke=False, shots=None, heads=None, seed=None, epochs=None, allow_short=False)
+    plan = recipe.make_plan(cfg, args)
+    assert plan.shots == [1, 2, 4, 8] and [h.name for h in plan.heads] == ["xclip", "linear_text", "evl"]
+    assert plan.class_prompts == "synthetic"
+    assert (root / plan.templates).is_file() and (root / plan.head_model["xclip"]["text_templates"]).is_file()
+    arch, weights, _ = recipe_backbone(cfg)
+    assert Path(weights) == root / "evl_cache" / "assets" / "tiny_clip" / "weights.safetensors" and Path(arch).is_file()
+    names = recipe.class_prompts_file(plan, ["moving_left", "static_circle"], Path(__import__("tempfile").mkdtemp()))
+    assert names.read_text().splitlines() == ["moving left", "circle"]
