@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -20,6 +21,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Frozen-CLIP video recognition (EVL) trained from a cache of backbone features.",
 )
+
+
+# Every command that opens a store takes the same --storage-options (fsspec options of a URL store).
+StorageOptions = Annotated[Path | None, typer.Option(
+    "--storage-options", help="JSON/YAML file of fsspec options for a URL store (s3://...); credentials also come "
+                              "from AWS_* variables.")]
+
+
+def use_storage_options(path: Path | None) -> None:
+    """Make ``path`` this process's (and its workers') options file for URL stores, checked now."""
+    from evl_cache.location import use_options_file
+
+    use_options_file(path)
 
 
 @app.callback()
@@ -88,13 +102,10 @@ def extract(
     retry_failed: bool = typer.Option(False, help="Also redo videos that failed in an earlier run."),
     fail_on_error: bool = typer.Option(False, help="Exit 1 if any video failed."),
     config: Path = typer.Option(None, help="Recipe YAML whose 'extract' section gives defaults for these flags."),
-    storage_options: Path = typer.Option(None, "--storage-options", help="JSON/YAML file of fsspec options for a URL store "
-                                                                          "(s3://...); credentials also come from AWS_* variables."),
+    storage_options: StorageOptions = None,
 ) -> None:
     """Run the frozen CLIP backbone once per video and cache its features in a Zarr store."""
-    from evl_cache.location import use_options_file
-
-    use_options_file(storage_options)
+    use_storage_options(storage_options)
     from evl_cache.datasets import load_manifest
     from evl_cache.extract import ExtractConfig, extract as run_extract
 
@@ -129,15 +140,12 @@ def extract(
 
 @app.command()
 def inspect(store: str = typer.Argument(..., help="A cache store written by `evl-cache extract` (a path or a URL)."),
-    storage_options: Path = typer.Option(None, "--storage-options", help="JSON/YAML file of fsspec options for a URL store "
-                                                                          "(s3://...); credentials also come from AWS_* variables."),
+    storage_options: StorageOptions = None,
 ) -> None:
     """Print a store's attributes, array shapes, bytes and files on disk, done/failed counts and failures."""
     import json
 
-    from evl_cache.location import use_options_file
-
-    use_options_file(storage_options)
+    use_storage_options(storage_options)
     from evl_cache.store import TABLE_ARRAYS, open_store
 
     st = open_store(str(store))
@@ -165,13 +173,10 @@ def verify(
     store: str = typer.Argument(..., help="A cache store written by `evl-cache extract` (a path or a URL)."),
     repair: bool = typer.Option(False, "--repair", help="Mark bad videos pending, so rerunning extract redoes just them."),
     quick: bool = typer.Option(False, "--quick", help="Check shard indexes and chunk lengths only, not the data checksums."),
-    storage_options: Path = typer.Option(None, "--storage-options", help="JSON/YAML file of fsspec options for a URL store "
-                                                                          "(s3://...); credentials also come from AWS_* variables."),
+    storage_options: StorageOptions = None,
 ) -> None:
     """Check that every done (video, view) chunk is present, full length and matches its crc32c."""
-    from evl_cache.location import use_options_file
-
-    use_options_file(storage_options)
+    use_storage_options(storage_options)
     from evl_cache.verify import verify_store
 
     report = verify_store(str(store), repair=repair, quick=quick)
@@ -263,15 +268,12 @@ def train(
     few_shot_seed: int = typer.Option(None, "--few-shot-seed", help="Seed of the few-shot draw (data.few_shot_seed)."),
     few_shot_allow_short: bool = typer.Option(False, "--few-shot-allow-short",
                                               help="Use all the videos of a class with fewer than K (data.few_shot_allow_short)."),
-    storage_options: Path = typer.Option(None, "--storage-options", help="JSON/YAML file of fsspec options for a URL store "
-                                                                          "(s3://...); credentials also come from AWS_* variables."),
+    storage_options: StorageOptions = None,
 ) -> None:
     """Train the EVL decoder by streaming a cache store (one process, torchrun ranks, or Ray Train workers)."""
     import os
 
-    from evl_cache.location import use_options_file
-
-    use_options_file(storage_options)
+    use_storage_options(storage_options)
     from evl_cache.config import load_config
     from evl_cache.train import train as run_train
 
@@ -346,13 +348,10 @@ def eval_(
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
     allow_partial: bool = typer.Option(False, "--allow-partial",
                                        help="Evaluate a store whose extraction has pending videos (on its done ones)."),
-    storage_options: Path = typer.Option(None, "--storage-options", help="JSON/YAML file of fsspec options for a URL store "
-                                                                          "(s3://...); credentials also come from AWS_* variables."),
+    storage_options: StorageOptions = None,
 ) -> None:
     """Evaluate a checkpoint on a cache store: mean softmax over views, top-1/top-5/per-class accuracy."""
     import os
-
-    from evl_cache.location import use_options_file
 
     release_flags = {"--dataset": dataset, "--root": root, "--annotations": annotations, "--split": split,
                      "--classes": classes, "--templates": templates, "--class-prompts": class_prompts, "--views": views,
@@ -374,7 +373,7 @@ def eval_(
         raise UserError("eval needs --checkpoint and --store (a model written by train and a cache store), "
                         "or --xclip-release FILE --dataset D to evaluate a released X-CLIP model online")
 
-    use_options_file(storage_options)
+    use_storage_options(storage_options)
     from evl_cache.completeness import counts_text
     from evl_cache.evaluate import evaluate
 
@@ -452,13 +451,10 @@ def zeroshot(
     text_cache: Path = typer.Option(None, help="Folder of cached class text embeddings (default ~/.cache/evl-cache/text-emb)."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Score a store whose extraction has pending videos."),
-    storage_options: Path = typer.Option(None, "--storage-options", help="JSON/YAML file of fsspec options for a URL store "
-                                                                          "(s3://...); credentials also come from AWS_* variables."),
+    storage_options: StorageOptions = None,
 ) -> None:
     """CLIP zero-shot classification of a store's videos against any class list, with eval's metrics and outputs."""
-    from evl_cache.location import use_options_file
-
-    use_options_file(storage_options)
+    use_storage_options(storage_options)
     from evl_cache.completeness import counts_text
     from evl_cache.zeroshot import zeroshot_store
 
@@ -480,14 +476,12 @@ def derive_emb(
     arch: str = typer.Option(None, help="open_clip model name or config JSON (default: the store's)."),
     trust_torchscript: bool = typer.Option(False, help="Load a TorchScript --weights file (code) that is not a known OpenAI CLIP release."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
-    storage_options: Path = typer.Option(None, "--storage-options", help="JSON/YAML file of fsspec options for a URL store "
-                                                                          "(s3://...); credentials also come from AWS_* variables."),
+    storage_options: StorageOptions = None,
 ) -> None:
     """Add per-frame CLIP embeddings (emb = ln_post(CLS) @ proj) to a store from its cached last block."""
     from evl_cache.derive import derive_emb as run_derive
-    from evl_cache.location import use_options_file
 
-    use_options_file(storage_options)
+    use_storage_options(storage_options)
 
     for line in run_derive(store, weights=weights, arch=arch, trust_torchscript=trust_torchscript, device=device).lines():
         typer.echo(line)
