@@ -30,20 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import evl_cache  # noqa: F401,E402 - loopback-only Ray environment before anything imports ray
 from evl_cache.formats import StoreFormats, feature_format, map_format  # noqa: E402
+from evl_cache.plan import FORMATS as PLAN_FORMATS  # noqa: E402
 
 B16 = {"frames": 8, "tokens": 197, "width": 768, "heads": 12, "blocks": [8, 9, 10, 11], "attention": "maps"}
 L14 = {"frames": 32, "tokens": 257, "width": 1024, "heads": 16, "blocks": [20, 21, 22, 23], "attention": "maps"}
-FORMATS = [  # (label, features, maps, layout)
-    ("fp16 (today)", "float16", "float16", "full"),
-    ("fp16 + uint8 maps", "float16", "uint8", "full"),
-    ("fp16 + top16 uint8 maps", "float16", "top16:uint8", "full"),
-    ("int8", "int8", "float16", "full"),
-    ("int8 + uint8 maps", "int8", "uint8", "full"),
-    ("fp8 + uint8 maps", "float8_e4m3", "uint8", "full"),
-    ("int8 + top16 uint8 maps", "int8", "top16:uint8", "full"),
-    ("prefix fp16", "float16", "float16", "prefix"),
-    ("prefix fp8", "float8_e4m3", "float16", "prefix"),
-]
+# (label, features, maps, layout): the formats `evl-cache plan` costs, plus top-k maps without int8 features
+FORMATS = PLAN_FORMATS[:2] + [("fp16 + top16 uint8 maps", "float16", "top16:uint8", "full")] + PLAN_FORMATS[2:]
 
 
 def schema_table() -> list[dict]:
@@ -110,7 +102,7 @@ def prefix_cost(stores: list[dict], batch: int) -> dict:
 
     out = {}
     for row in stores:
-        if row["format"] not in ("fp16 (today)", "int8 + uint8 maps", "prefix fp16", "prefix fp8"):
+        if row["format"] not in ("fp16", "int8 + uint8 maps", "prefix fp16", "prefix fp8"):
             continue
         loader = make_loader(row["path"], batch, train=False)
         batch_data = next(iter(loader))
