@@ -255,17 +255,34 @@ def extract_stage(ledger: Ledger, name: str, manifest: Any, store: Path, plan: E
                 "bytes": summary.bytes_on_disk, "clip_views_per_s": summary.clip_views_per_s,
                 "failures": [f"{p}: {e}" for _, p, e in summary.failures[:20]]}
 
-    key = {"plan": plan.key(), "manifest": manifest.sha256(), "store": str(store), "weights_file": _file_stamp(plan.weights)}
+    key = {"plan": plan.key(), "manifest": manifest.sha256(), "store": str(store), "weights_file": weights_stamp(plan.weights)}
+    upgrade_legacy_weights_stamp(ledger, name, plan.weights, key["weights_file"])
     return ledger.run(name, key, fn, complete=lambda: store_complete(store), outputs=[store])
 
 
-def _file_stamp(path: str) -> list[float] | None:
-    """(size, mtime) of a weights file: new weights (e.g. `make pretrain-tiny` again) mean a new cache."""
+def weights_stamp(path: str) -> list[str] | None:
+    """["sha256", digest] of a weights file: new weights (e.g. `make pretrain-tiny` again) mean a new
+    cache, while the same file in another clone or worktree (another mtime) is the same cache."""
+    from evl_cache.backbone import file_sha256
+
+    return ["sha256", file_sha256(path)] if os.path.isfile(path) else None
+
+
+def legacy_weights_stamp(path: str) -> list[float] | None:
+    """The (size, mtime) stamp ledgers recorded before `weights_stamp`."""
     try:
         st = os.stat(path)
     except OSError:
         return None
     return [st.st_size, st.st_mtime]
+
+
+def upgrade_legacy_weights_stamp(ledger: Ledger, name: str, path: str, stamp: list[str] | None) -> None:
+    """A stage recorded with the (size, mtime) stamp of this very file (same size, same mtime) gets the
+    content stamp instead, so finished extractions are kept; any other old stamp stays and is redone."""
+    key = (ledger.entries.get(name) or {}).get("key")
+    if isinstance(key, dict) and stamp is not None and key.get("weights_file") == legacy_weights_stamp(path):
+        key["weights_file"] = stamp
 
 
 def train_stage(ledger: Ledger, name: str, cfg: Any, out: Path, progress: bool = True) -> StageResult:

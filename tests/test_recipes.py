@@ -198,6 +198,43 @@ def test_ledger_keys_survive_moving_the_checkout(tmp_path):
     assert again.skipped and out.is_dir()
 
 
+def test_weights_are_stamped_by_content_and_legacy_stamps_of_the_same_file_are_kept(tmp_path):
+    """A copy of the weights in another clone (new mtime) is the same cache; other bytes are a new one; a
+    stage recorded with the old (size, mtime) stamp of this very file is kept, not redone."""
+    import shutil
+
+    from common import legacy_weights_stamp, upgrade_legacy_weights_stamp, weights_stamp
+
+    w = tmp_path / "w.safetensors"
+    w.write_bytes(b"weights" * 100)
+    copy = tmp_path / "clone" / "w.safetensors"
+    copy.parent.mkdir()
+    shutil.copy(w, copy)
+    os.utime(copy, (1, 1))
+    assert weights_stamp(str(w)) == weights_stamp(str(copy)) and weights_stamp(str(w))[0] == "sha256"
+    assert legacy_weights_stamp(str(w)) != legacy_weights_stamp(str(copy))
+    assert weights_stamp(str(tmp_path / "none")) is None and weights_stamp("random") is None
+    out = tmp_path / "work" / "store"
+    calls = []
+
+    def fn():
+        calls.append(1)
+        out.mkdir(parents=True, exist_ok=True)
+        return {}
+
+    led = Ledger(tmp_path / "work")
+    led.run("extract", {"plan": 1, "weights_file": legacy_weights_stamp(str(w))}, fn, complete=out.is_dir, outputs=[out])
+    led = Ledger(tmp_path / "work")
+    key = {"plan": 1, "weights_file": weights_stamp(str(w))}
+    upgrade_legacy_weights_stamp(led, "extract", str(w), key["weights_file"])
+    assert led.run("extract", key, fn, complete=out.is_dir, outputs=[out]).skipped and len(calls) == 1
+    # an old stamp of other bytes is not upgraded: the stage is redone
+    led = Ledger(tmp_path / "work2")
+    led.run("extract", {"plan": 1, "weights_file": [1, 2.0]}, fn, complete=out.is_dir, outputs=[])
+    upgrade_legacy_weights_stamp(led, "extract", str(w), key["weights_file"])
+    assert not led.run("extract", key, fn, complete=out.is_dir, outputs=[]).skipped and len(calls) == 3
+
+
 def test_ledger_never_removes_outside_its_work_dir(tmp_path):
     outside = tmp_path / "precious"
     outside.mkdir()
