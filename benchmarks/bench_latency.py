@@ -61,6 +61,7 @@ class Point:
     backbone_s: float
     decoder_s: float
     peak_bytes: int
+    cpu_s: float = 0.0  # median process CPU seconds per forward: on a shared CPU, what the work itself cost
 
     @property
     def clips_per_s(self) -> float:
@@ -120,15 +121,18 @@ def measure(model: EndToEnd, batch: int, warmup: int, repeats: int) -> Point:
         torch.cuda.reset_peak_memory_stats(model.device)
     for _ in range(warmup):
         model(x)
-    bb, dec = [], []
+    bb, dec, cpu = [], [], []
     for _ in range(repeats):
+        c0 = time.process_time()
         a, b, logits = model(x)
+        cpu.append(time.process_time() - c0)
         bb.append(a)
         dec.append(b)
     assert logits.shape == (batch, model.cfg.num_classes) and torch.isfinite(logits.float()).all()
     totals = [a + b for a, b in zip(bb, dec)]
     peak = torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda" else peak_rss_bytes()
-    return Point(batch, statistics.median(totals), statistics.median(bb), statistics.median(dec), int(peak))
+    return Point(batch, statistics.median(totals), statistics.median(bb), statistics.median(dec), int(peak),
+                 statistics.median(cpu))
 
 
 def is_oom(err: BaseException) -> bool:
@@ -154,7 +158,8 @@ def bench_model(arch: str, args: argparse.Namespace, device: torch.device) -> Mo
         res.points.append(p)
         good = batch
         print(f"  batch {batch}: {p.total_s * 1e3:.1f} ms (backbone {p.backbone_s * 1e3:.1f}, decoder "
-              f"{p.decoder_s * 1e3:.1f}), {p.clips_per_s:.2f} clips/s, peak {p.peak_bytes / 2**30:.2f} GiB", flush=True)
+              f"{p.decoder_s * 1e3:.1f}), {p.clips_per_s:.2f} clips/s, process CPU {p.cpu_s * 1e3:.1f} ms, "
+              f"peak {p.peak_bytes / 2**30:.2f} GiB", flush=True)
         if batch * 2 > args.max_batch:
             res.stop_reason = f"batch cap {args.max_batch}"
             break
@@ -188,14 +193,14 @@ def bench_model(arch: str, args: argparse.Namespace, device: torch.device) -> Mo
 
 def table(results: list[ModelBench]) -> str:
     lines = ["| model | frames | device, precision | GMACs / clip | latency, batch 1 (backbone + decoder) | "
-             "largest batch (why it stops) | throughput at it | achieved TMAC/s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "process CPU, batch 1 | largest batch (why it stops) | throughput at it | achieved TMAC/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         one = r.points[0]
         top = max(r.points, key=lambda q: q.batch)
         lines.append(f"| {r.arch} | {r.frames} | {r.device}, {r.precision} | {r.gmacs_per_clip:.1f} | "
                      f"{one.total_s * 1e3:.1f} ms ({one.backbone_s * 1e3:.1f} + {one.decoder_s * 1e3:.1f}) | "
-                     f"{top.batch} ({r.stop_reason}) | {top.clips_per_s:.2f} clips/s | "
+                     f"{one.cpu_s * 1e3:.1f} ms | {top.batch} ({r.stop_reason}) | {top.clips_per_s:.2f} clips/s | "
                      f"{top.clips_per_s * r.gmacs_per_clip / 1e3:.3f} |")
     return "\n".join(lines)
 
@@ -262,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         {"arch": r.arch, "frames": r.frames, "layers": r.layers, "device": r.device, "precision": r.precision,
          "gmacs_per_clip": r.gmacs_per_clip, "stop_reason": r.stop_reason,
          "points": [{"batch": p.batch, "total_s": p.total_s, "backbone_s": p.backbone_s, "decoder_s": p.decoder_s,
-                     "clips_per_s": p.clips_per_s, "peak_bytes": p.peak_bytes} for p in r.points]} for r in results]}
+                     "clips_per_s": p.clips_per_s, "cpu_s": p.cpu_s, "peak_bytes": p.peak_bytes} for p in r.points]} for r in results]}
     (args.out / "latency.json").write_text(json.dumps(doc, indent=2) + "\n")
     plot(results, args.out / "latency.png")
     print(f"wrote {args.out / 'latency.json'} and {args.out / 'latency.png'}")
