@@ -4,13 +4,16 @@ The paper's Table 12 (UCF-101, HMDB-51) fine-tunes the Kinetics-400 decoder: eve
 over except the classification head, whose class count differs, and the pretrained weights train
 with a 10x smaller learning rate (docs/reference.md). Here every tensor whose name and shape match
 is taken; the rest keep the fresh seeded initialisation and form the "new" parameter group.
+A head of the same class count is still fresh when the checkpoint's class names differ from the run's:
+its rows score other classes (e.g. 7 source classes fine-tuned to 7 others), so loading them would map
+each new class onto an unrelated old one.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,16 +68,49 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise UserError(f"train.init_from: checkpoint weights {weights} are unreadable ({err}); restore the file") from err
 
 
-def load_matching(model: torch.nn.Module, path: str | os.PathLike) -> InitReport:
-    """Copy into ``model`` every checkpoint tensor whose name and shape match; refuse when none does."""
+def checkpoint_class_names(path: str | os.PathLike) -> list[str] | None:
+    """The class names a checkpoint was trained on (its ``meta.class_names``), None when it does not say."""
+    from evl_cache.checkpoints import read_checkpoint_config
+
+    names = (read_checkpoint_config(path).get("meta") or {}).get("class_names")
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def class_tensors(model: torch.nn.Module, cfg: Any) -> set[str]:
+    """Names of ``model``'s tensors whose shape follows the class count (the classifier), found by
+    building the same head for one class more on the meta device (no memory, no text tower run) and
+    comparing shapes, so every registered head is covered without naming its layers."""
+    from evl_cache.heads import build_head
+
+    if not is_dataclass(cfg) or not hasattr(cfg, "num_classes"):
+        return set()
+    n = int(cfg.num_classes)
+    other: dict[str, Any] = {"num_classes": n + 1}
+    if len(getattr(cfg, "class_names", None) or []) == n:  # a text-initialised head lists its classes
+        other["class_names"] = [*cfg.class_names, "_"]
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # draws nothing from the run's RNG stream
+        bigger = build_head(replace(cfg, **other), fresh=False).state_dict()
+    return {name for name, t in model.state_dict().items() if name in bigger and tuple(bigger[name].shape) != tuple(t.shape)}
+
+
+def load_matching(model: torch.nn.Module, path: str | os.PathLike, class_names: list[str] | None = None,
+                  head: set[str] | None = None) -> InitReport:
+    """Copy into ``model`` every checkpoint tensor whose name and shape match; refuse when none does.
+
+    With ``class_names`` (the run's) and ``head`` (`class_tensors`): when the checkpoint was trained on other
+    classes, the ``head`` tensors stay fresh even where their shapes match."""
     state = read_weights(path)
     own = model.state_dict()
     report = InitReport(str(path))
+    theirs_names = checkpoint_class_names(path) if class_names is not None and head else None
+    other_classes = theirs_names is not None and theirs_names != list(class_names or [])
     take: dict[str, torch.Tensor] = {}
     for name, mine in own.items():
         theirs = state.get(name)
         if theirs is None:
             report.fresh.append((name, "not in the checkpoint"))
+        elif other_classes and name in (head or set()):
+            report.fresh.append((name, "classifier of other classes"))
         elif tuple(theirs.shape) != tuple(mine.shape):
             report.fresh.append((name, f"checkpoint {tuple(theirs.shape)}, here {tuple(mine.shape)}"))
         else:

@@ -45,7 +45,7 @@ from evl_cache.data import to_device
 from evl_cache.distributed import Dist, env_world_size, join, rank_seed
 from evl_cache.errors import UserError
 from evl_cache.evaluate import autocast, collect_view_probs, compute_metrics, video_scores
-from evl_cache.finetune import InitReport, load_matching, param_groups, write_report
+from evl_cache.finetune import InitReport, class_tensors, load_matching, param_groups, write_report
 from evl_cache.store import open_store
 
 STATE_FILE = "train_state.pt"
@@ -333,13 +333,15 @@ class Parts:
     init: InitReport | None = None
 
 
-def build_parts(dcfg: Any, t: TrainConfig, device: torch.device, amp: str, dist: Dist) -> Parts:
+def build_parts(dcfg: Any, t: TrainConfig, device: torch.device, amp: str, dist: Dist,
+                class_names: list[str] | None = None) -> Parts:
     """Seeded decoder (then the ``train.init_from`` weights that fit), AdamW, per-step cosine and
     grad scaler (every rank builds the same weights).
 
     Loading a checkpoint draws no random numbers, so a fresh head is the one a run from scratch
     draws. With ``init_from`` the optimizer has a "new" group at (lr, weight_decay) and a
-    "pretrained" group scaled by ``train.pretrained_lr_mult`` / ``pretrained_wd_mult``.
+    "pretrained" group scaled by ``train.pretrained_lr_mult`` / ``pretrained_wd_mult``; the classifier
+    stays fresh when the checkpoint's classes are not ``class_names`` (the train store's).
 
     With several ranks, torch's RNG is then reseeded per rank so each rank draws its own dropout
     masks (dropout therefore depends on the world size; see docs/distributed.md, "Dropout and RNG").
@@ -350,7 +352,7 @@ def build_parts(dcfg: Any, t: TrainConfig, device: torch.device, amp: str, dist:
     np.random.seed(t.seed % 2**32)
     random.seed(t.seed)
     model = build_head(dcfg)
-    init = load_matching(model, t.init_from) if t.init_from else None
+    init = load_matching(model, t.init_from, class_names, class_tensors(model, dcfg)) if t.init_from else None
     model = model.to(device)
     net: torch.nn.Module = model
     if dist.active:
@@ -740,7 +742,8 @@ def _train(specs: list[tuple[str | None, RunConfig]], out: Path, dist: Dist, dev
     trainees = []
     for (name, c), d, dcfg, s in zip(specs, dirs, dcfgs, saved):
         amp = resolve_amp(c.train.amp, device)
-        parts = build_parts(dcfg, c.train, device, amp, dist)  # seeds the global RNGs: this model's stream
+        parts = build_parts(dcfg, c.train, device, amp, dist,  # seeds the global RNGs: this model's stream
+                            class_names=list(inputs.attrs["class_names"]))
         start = restore(parts, s, dist, c.train.seed) if s is not None else 0
         if parts.init is not None:
             for line in parts.init.lines():

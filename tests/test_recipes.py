@@ -439,3 +439,81 @@ def test_fewshot_smoke_extracts_one_store_pair_for_every_head(tmp_path):
     store = open_store(str(tmp_path / "work" / "cache" / "train.zarr"))
     assert store.attrs["emb"] and store.attrs["attention"] == "maps" and len(store.attrs["blocks"]) == 4
     assert (tmp_path / "out" / "top1_vs_k.png").stat().st_size > 5_000
+
+
+# ------------------------------------------------------------------------------ transfer to new classes (Table 12 offline)
+
+
+def test_transfer_split_is_disjoint_and_each_side_has_both_kinds():
+    """configs/synthetic_transfer.yaml: the 14 default classes, 7/7, one of each mirror pair per side."""
+    from transfer_synthetic import split_classes
+
+    from evl_cache.synth import CLASS_SPECS, DEFAULT_CLASSES
+
+    source, target = split_classes(load_recipe(ROOT / "configs" / "synthetic_transfer.yaml"))
+    assert not set(source) & set(target) and sorted(source + target) == sorted(DEFAULT_CLASSES)
+    for side in (source, target):
+        kinds = [CLASS_SPECS[n].kind for n in side]
+        assert kinds.count("motion") == 5 and kinds.count("appearance") == 2
+    pairs = [("moving_left", "moving_right"), ("moving_up", "moving_down"), ("rotating_cw", "rotating_ccw"),
+             ("growing", "shrinking"), ("approaching", "separating")]
+    assert all((a in source) != (b in source) for a, b in pairs)
+
+
+def test_transfer_refuses_a_class_on_both_sides(tmp_path):
+    from transfer_synthetic import split_classes
+
+    r = load_recipe(ROOT / "configs" / "synthetic_transfer.yaml")
+    r["pipeline"]["target_classes"] = ["moving_left", "static_cross"]
+    with pytest.raises(UserError, match="moving_left in both"):
+        split_classes(r)
+    r["pipeline"]["target_classes"] = ["moving_sideways"]
+    with pytest.raises(UserError, match="target_classes: unknown synthetic class"):
+        split_classes(r)
+
+
+def test_transfer_target_runs_differ_only_in_init_from_and_lr_mult():
+    """Same steps, seed, data and optimiser for every target run; fine-tuned ones add init_from and the mult."""
+    from transfer_synthetic import settings, target_config
+
+    r = load_recipe(ROOT / "configs" / "synthetic_transfer.yaml")
+    runs = settings(r)
+    assert [(s.name, s.lr_mult) for s in runs] == [("scratch", None), ("finetune_lr0.1", 0.1), ("finetune_lr1", 1.0)]
+    cfgs = [target_config(r, s, Path("t.zarr"), Path("v.zarr"), Path("src/model")).to_dict() for s in runs]
+    assert cfgs[0]["train"]["init_from"] is None and cfgs[1]["train"]["init_from"] == "src/model"
+    assert [c["train"]["pretrained_lr_mult"] for c in cfgs] == [1.0, 0.1, 1.0]
+    for c in cfgs:
+        c["train"].pop("init_from"), c["train"].pop("pretrained_lr_mult")
+        assert c == cfgs[0] and c["train"]["steps"] == r["pipeline"]["target_steps"]
+    r["pipeline"]["finetune_lr_mults"] = "0.1"
+    with pytest.raises(UserError, match="finetune_lr_mults must be a list"):
+        settings(r)
+
+
+def test_transfer_val_curve_reads_the_validation_records(tmp_path):
+    from transfer_synthetic import val_curve
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 5, "loss": 1.0}\n{"step": 20, "val_top1": 0.5}\n'
+                                            '{"step": 10, "val_top1": 0.25}\n')
+    assert val_curve(tmp_path) == [(10, 0.25), (20, 0.5)] and val_curve(tmp_path / "none") == []
+
+
+@pytest.mark.slow
+def test_transfer_smoke_end_to_end(tmp_path):
+    """`make transfer-demo SMOKE=1`: both class sets extracted, source trained, three target runs, the table;
+    the fine-tuned runs take every source tensor but the classifier; a rerun skips every stage."""
+    args = ("--smoke", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))
+    p = _run("transfer_synthetic.py", *args, timeout=1200)
+    assert "transfer (SMOKE)" in p.stdout
+    data = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert data["smoke"] and [r["name"] for r in data["rows"]] == ["scratch", "finetune_lr0.1", "finetune_lr1"]
+    scratch, *tuned = data["rows"]
+    assert scratch["taken"] is None and all(r["taken"] > 0 and r["fresh"] == ["head.fc.weight", "head.fc.bias"] for r in tuned)
+    assert all(r["videos"] == 7 and r["curve"] and r["steps"] == 3 for r in data["rows"])
+    stages = json.loads((tmp_path / "work" / "stages.json").read_text())
+    assert sum(k.startswith("extract_") for k in stages) == 4
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert "SMOKE RUN" in md and "fine-tuned, pretrained lr x0.1" in md
+    assert (tmp_path / "out" / "transfer.png").stat().st_size > 10_000
+    again = _run("transfer_synthetic.py", *args, timeout=600)
+    assert again.stdout.count("[skip]") == len(stages) and "[done]" not in again.stdout

@@ -157,8 +157,9 @@ def three_class_store(stores, root: Path) -> str:
                        class_names=("a", "b", "c"))
 
 
-def source_checkpoint(stores, path: Path, **model) -> Path:
-    """A 2-class decoder checkpoint of the fixture stores' shape (seed 7, so it differs from a seed-0 init)."""
+def source_checkpoint(stores, path: Path, class_names: list[str] | None = None, **model) -> Path:
+    """A 2-class decoder checkpoint of the fixture stores' shape (seed 7, so it differs from a seed-0 init),
+    recording ``class_names`` as the classes it was trained on when given."""
     from evl_cache.checkpoints import save_checkpoint
     from evl_cache.config import decoder_config_for_store, load_config
     from evl_cache.decoder import EVLDecoder
@@ -169,7 +170,7 @@ def source_checkpoint(stores, path: Path, **model) -> Path:
         setattr(cfg.model, k, v)
     torch.manual_seed(7)
     dcfg = decoder_config_for_store(cfg.model, open_store(stores["train"]).attrs, "s")
-    save_checkpoint(path, EVLDecoder(dcfg))
+    save_checkpoint(path, EVLDecoder(dcfg), meta={"class_names": class_names} if class_names else None)
     return path
 
 
@@ -208,6 +209,59 @@ def test_init_from_takes_matching_weights_and_gives_a_fresh_head(stores, tmp_pat
     assert "layers.0.tconv.weight (not in the checkpoint)" in fresh
     report = json.loads((tmp_path / "run2" / "init_from.json").read_text())
     assert "layers.1.tconv.bias" in [n for n, _ in report["fresh"]] and "head.fc.weight" in report["taken"]
+
+
+def test_same_class_count_but_other_classes_gives_a_fresh_head(stores, tmp_path):
+    """Fine-tuning 2 classes to 2 others (the synthetic transfer recipe: 7 to 7): the head's shapes match,
+    but its rows score the checkpoint's classes, so it must be fresh; with the same classes it is taken."""
+    from evl_cache.config import decoder_config_for_store
+    from evl_cache.distributed import Dist
+    from evl_cache.store import open_store
+    from evl_cache.train import build_parts
+
+    attrs = open_store(stores["train"]).attrs
+    assert list(attrs["class_names"]) == ["left", "right"]
+    cfg = tiny_cfg(stores, steps=2)
+    dcfg = decoder_config_for_store(cfg.model, attrs, stores["train"])
+    scratch = build_parts(dcfg, cfg.train, torch.device("cpu"), "off", Dist()).model.state_dict()
+    for names, head_taken in ((["up", "down"], False), (["left", "right"], True), (["right", "left"], False)):
+        src = source_checkpoint(stores, tmp_path / f"src_{names[0]}", class_names=names)
+        t = tiny_cfg(stores, steps=2, init_from=str(src)).train
+        parts = build_parts(dcfg, t, torch.device("cpu"), "off", Dist(), class_names=list(attrs["class_names"]))
+        mine, source = parts.model.state_dict(), open_state(Path(str(src) + ".safetensors"))
+        head = ["head.fc.weight", "head.fc.bias"]
+        if head_taken:
+            assert not parts.init.fresh and all(torch.equal(mine[k], source[k]) for k in head)
+        else:
+            assert parts.init.fresh == [(k, "classifier of other classes") for k in head]
+            assert all(torch.equal(mine[k], scratch[k]) for k in head)  # the head a run from scratch draws
+            assert sorted(parts.init.taken) == sorted(k for k in mine if k not in head)
+        # train() passes the store's class names: the same outcome end to end
+    run = tmp_path / "run"
+    train(tiny_cfg(stores, steps=1, init_from=str(tmp_path / "src_up")), run, progress=False)
+    report = json.loads((run / "init_from.json").read_text())
+    assert [n for n, _ in report["fresh"]] == ["head.fc.weight", "head.fc.bias"]
+
+
+def test_class_tensors_finds_each_heads_classifier(stores):
+    """The class-count-dependent tensors, found without naming layers: EVL's head.fc, the linear probe's fc."""
+    from evl_cache.config import load_config
+    from evl_cache.finetune import class_tensors
+    from evl_cache.heads import build_head, head_config_for_store
+    from evl_cache.store import open_store
+
+    attrs = open_store(stores["train"]).attrs
+    found = {}
+    for head in ("evl", "linear", "attentive_probe"):
+        m = load_config(None).model
+        m.head = head
+        try:
+            hcfg = head_config_for_store(m, attrs, stores["train"])
+        except UserError:
+            continue  # this fixture store lacks what the head reads (e.g. emb)
+        found[head] = class_tensors(build_head(hcfg), hcfg)
+    assert found["evl"] == {"head.fc.weight", "head.fc.bias"}
+    assert all(v and all("weight" in n or "bias" in n for n in v) for v in found.values()), found
 
 
 def test_pretrained_lr_mult_scales_the_loaded_weights_only(stores, tmp_path):
