@@ -64,7 +64,7 @@ finetune-table12: $(STAMP)
 
 # Table 12 offline: a decoder trained on 7 synthetic classes fine-tuned to the 7 others from 16 videos per class
 # (init_from, pretrained lr x0.1 and x1.0) against training from scratch: results/transfer/table.md + transfer.png.
-# 42 min measured on 2 loaded cores (docs/recipes.md); SMOKE=1 runs it on a few videos and steps.
+# 16 min on 2 cores (docs/recipes.md); SMOKE=1 runs it on a few videos and steps.
 transfer-demo: $(STAMP)
 	$(PY) pipelines/transfer_synthetic.py $(SMOKE_FLAG) $(TRANSFER_ARGS)
 
