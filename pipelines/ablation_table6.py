@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ablation_table8 import add_cache_arguments, finish_cache_arguments, prepare, sweep_and_evaluate
-from common import ROOT, fmt_s, main_guard, md_table, pct, rel, say, set_threads, write_text_atomic
+from common import ROOT, fmt_s, main_guard, md_table, pct, rel, say, set_threads, save_figure, write_text_atomic
 
 
 def rows_for(K: int) -> list[dict[str, Any]]:
@@ -108,11 +108,7 @@ def plot(out: Path, results: list[dict[str, Any]], c: dict[str, Any]) -> Path:
     ax.set_title(f"Table 6 from one cache ({c['dataset']})")
     ax.legend(fontsize=8, loc="upper left", ncol=3)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = out / "table6.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "table6.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 
 from common import (
     ROOT, Ledger, config_key, eval_stage, fmt_s, load_recipe, main_guard, md_table, pct, read_metrics, rel, run_config, say,
-    set_threads, split_accuracy, write_text_atomic,
+    set_threads, split_accuracy, save_figure, write_text_atomic,
 )
 
 MODULES = ("temporal_conv", "temporal_pos", "temporal_cross_attention")
@@ -300,11 +300,7 @@ def plot(out: Path, results: list[dict[str, Any]], payoff: dict[str, float], c: 
     bx.set_ylabel("minutes (8 trainings)")
     bx.set_title(f"cache payoff: {payoff['speedup']:.2f}x")
     bx.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "table8.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "table8.png")
 
 
 if __name__ == "__main__":

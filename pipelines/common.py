@@ -354,6 +354,16 @@ def read_metrics(out: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ backbones
 
 
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write and close a recipe's matplotlib figure (closed, so long recipes do not pile up figures)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def tiny_backbone(work: Path) -> tuple[str, str, str]:
     """(arch, weights, note) of the committed tiny image-pretrained ViT, or loudly random weights.
 

@@ -38,7 +38,7 @@ from typing import Any
 
 from common import (
     ROOT, Ledger, eval_stage, fmt_s, load_recipe, main_guard, md_table, pct, read_metrics, rel, say, set_threads,
-    train_stage, write_text_atomic,
+    train_stage, save_figure, write_text_atomic,
 )
 
 from evl_cache.errors import UserError
@@ -456,11 +456,7 @@ def plot(out: Path, result: dict[str, Any]) -> Path:
     ax.set_title("few-shot top-1" + (" (SMOKE: meaningless)" if result["smoke"] else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "top1_vs_k.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "top1_vs_k.png")
 
 
 def plot_by_kind(out: Path, result: dict[str, Any]) -> Path | None:
@@ -496,11 +492,7 @@ def plot_by_kind(out: Path, result: dict[str, Any]) -> Path | None:
         ax.grid(alpha=0.3)
     (axes[0] if len(order) > 1 else axes).set_ylabel("top-1 (%)")
     (axes[-1] if len(order) > 1 else axes).legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "top1_by_kind.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "top1_by_kind.png")
 
 
 def main(argv: list[str] | None = None) -> int:

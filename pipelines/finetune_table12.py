@@ -35,7 +35,7 @@ from typing import Any
 
 from common import (
     ROOT, Ledger, UserError, eval_stage, extract_plan, extract_stage, fmt_s, load_recipe, main_guard, md_table, pct,
-    read_metrics, run_config, say, set_threads, synth_stage, train_stage, write_text_atomic,
+    read_metrics, run_config, say, set_threads, synth_stage, train_stage, save_figure, write_text_atomic,
 )
 
 ROWS = ["ucf101_vitl14_32f", "ucf101_vitl14_336_32f", "hmdb51_vitl14_32f", "hmdb51_vitl14_336_32f"]
@@ -272,11 +272,7 @@ def plot(out: Path, rows: list[dict[str, Any]], smoke: bool) -> Path:
     ax.set_title("EVL Table 12: fine-tuned from K400" + (" [SMOKE RUN]" if smoke else ""))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    path = out / "table12_splits.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "table12_splits.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from typing import Any
 
 from common import (
     ROOT, eval_stage, fmt_bytes, fmt_s, load_recipe, main_guard, md_table, pct, read_metrics, rel, run_config, say,
-    set_threads, split_accuracy, train_stage, write_text_atomic,
+    set_threads, split_accuracy, train_stage, save_figure, write_text_atomic,
 )
 
 PASS_POINTS = 1.0  # issue 9: top-1 within 1 point of float16
@@ -338,11 +338,7 @@ def plot(out: Path, result: dict[str, Any]) -> Path:
     bx.set_ylabel("validation top-1 (%)")
     bx.set_title("top-1 vs bytes per clip-view")
     bx.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / "top1_vs_bytes.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "top1_vs_bytes.png")
 
 
 def main(argv: list[str] | None = None) -> int:

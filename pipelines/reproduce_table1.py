@@ -27,7 +27,7 @@ from typing import Any
 
 from common import (
     ROOT, Ledger, UserError, eval_stage, extract_plan, extract_stage, fmt_bytes, fmt_s, load_recipe, main_guard,
-    md_table, pct, read_metrics, run_config, say, set_threads, synth_stage, train_stage, write_text_atomic,
+    md_table, pct, read_metrics, run_config, say, set_threads, synth_stage, train_stage, save_figure, write_text_atomic,
 )
 
 ROWS = ["k400_vitb16_8f", "k400_vitb16_16f", "k400_vitb16_32f", "k400_vitl14_8f", "k400_vitl14_16f",
@@ -235,11 +235,7 @@ def plot_figure1(out: Path, results: list[dict[str, Any]], smoke: bool) -> Path:
     ax.set_title("EVL accuracy vs inference cost" + (" [SMOKE RUN]" if smoke else ""))
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path = out / "table1_accuracy_vs_gflops.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "table1_accuracy_vs_gflops.png")
 
 
 def apply_overrides(recipe: dict[str, Any], items: list[str]) -> None:

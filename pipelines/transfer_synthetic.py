@@ -35,7 +35,8 @@ from typing import Any
 
 from common import (
     ROOT, Ledger, eval_stage, extract_plan, extract_stage, fmt_s, load_recipe, main_guard, md_table, pct,
-    read_metrics, rel, run_config, say, set_threads, split_accuracy, synth_stage, train_stage, write_text_atomic,
+    read_metrics, rel, run_config, save_figure, say, set_threads, split_accuracy, synth_stage, train_stage,
+    write_text_atomic,
 )
 from demo import _maybe_ray, backbone_choice
 
@@ -289,11 +290,7 @@ def plot(out: Path, res: dict[str, Any]) -> Path:
     b.set_ylim(0, 105)
     b.grid(alpha=0.3)
     b.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path = out / "transfer.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "transfer.png")
 
 
 def main(argv: list[str] | None = None) -> int:
