@@ -253,8 +253,10 @@ def top1_by_kind(eval_dir: Path, kinds: list[str]) -> dict[str, dict[str, float]
     motion, so one overall number hides where text helps."""
     import numpy as np
 
-    z = np.load(eval_dir / "scores.npz", allow_pickle=False)
-    scores, labels = z["scores"], z["label"]
+    from evl_cache.ensemble import load_predictions
+
+    pred = load_predictions(eval_dir)  # eval's own reader: a damaged or partial scores file is refused
+    scores, labels = pred.scores, pred.labels
     kind_of = np.array(kinds)
     out = {}
     for kind in sorted(set(kinds)):

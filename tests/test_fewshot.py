@@ -423,7 +423,10 @@ def test_top1_by_kind_scores_each_kind_over_all_classes_and_within_its_own(tmp_p
                        [0.1, 0.1, 0.7, 0.1],   # appearance 2: right
                        [0.5, 0.1, 0.3, 0.1]],  # appearance 3: wrong overall and within
                       dtype=np.float32)
-    np.savez(tmp_path / "scores.npz", scores=scores, label=np.array([0, 1, 2, 3]))
+    from evl_cache.evaluate import write_scores
+
+    write_scores(tmp_path / "scores.npz", {}, scores, np.arange(4), np.array([0, 1, 2, 3]),
+                 [f"v{i}.mp4" for i in range(4)], ["m0", "m1", "a0", "a1"])
     got = recipe.top1_by_kind(tmp_path, kinds)
     assert got["motion"] == {"top1": 0.5, "top1_within": 1.0, "classes": 2, "videos": 2}
     assert got["appearance"] == {"top1": 0.5, "top1_within": 0.5, "classes": 2, "videos": 2}
