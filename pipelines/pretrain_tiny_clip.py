@@ -46,11 +46,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evl_cache.synth import SHAPES, Obj, random_scene, render  # noqa: E402
+from evl_cache.video import normalise  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VIT = ROOT / "evl_cache" / "assets" / "tiny_vit"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TEXT_CFG = {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3}
 
 # Colour names by nearest RGB anchor: coarse, as people name colours.
@@ -126,9 +125,8 @@ class FramePool:
 
 
 def to_input(images: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> CLIP-normalised float (B, 3, H, W), as the backbone wrapper feeds CLIP."""
-    x = torch.from_numpy(images).float().div_(255.0).permute(0, 3, 1, 2)
-    return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    """uint8 (B, H, W, 3) -> CLIP-normalised float (B, 3, H, W), as extraction feeds CLIP."""
+    return normalise(torch.from_numpy(images).permute(0, 3, 1, 2))
 
 
 @torch.no_grad()

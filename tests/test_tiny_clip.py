@@ -60,6 +60,7 @@ def test_both_towers_load_through_the_project_builders():
 def render_static_clips(per_class: int) -> tuple[torch.Tensor, np.ndarray, list[str]]:
     """(N, T, 3, S, S) CLIP-normalised frames of the four appearance classes, from the benchmark's renderer."""
     from evl_cache.synth import CLASS_SPECS, PROMPT_NAMES, clip_rng, render_clip
+    from evl_cache.video import normalise
 
     names = [n for n, s in CLASS_SPECS.items() if s.kind == "appearance"]
     clips, labels = [], []
@@ -68,10 +69,8 @@ def render_static_clips(per_class: int) -> tuple[torch.Tensor, np.ndarray, list[
             frames, _ = render_clip(name, clip_rng(7, "val", name, i), frames=4, size=64)
             clips.append(frames)
             labels.append(c)
-    x = torch.from_numpy(np.stack(clips)).float().div(255).permute(0, 1, 4, 2, 3)
-    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 1, 3, 1, 1)
-    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 1, 3, 1, 1)
-    return (x - mean) / std, np.array(labels), [PROMPT_NAMES[n] for n in names]
+    frames = normalise(torch.from_numpy(np.stack(clips)).permute(0, 1, 4, 2, 3))
+    return frames, np.array(labels), [PROMPT_NAMES[n] for n in names]
 
 
 def test_text_tower_names_the_shapes_zero_shot(tmp_path):
