@@ -10,9 +10,11 @@ training are themselves resumable, so an interrupted stage simply runs again and
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -263,9 +265,22 @@ def extract_stage(ledger: Ledger, name: str, manifest: Any, store: Path, plan: E
 def weights_stamp(path: str) -> list[str] | None:
     """["sha256", digest] of a weights file: new weights (e.g. `make pretrain-tiny` again) mean a new
     cache, while the same file in another clone or worktree (another mtime) is the same cache."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return ["sha256", _sha256_of(os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)]
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, dev: int, ino: int, size: int, mtime_ns: int) -> str:
+    """One hash per file version and process: a recipe stamps the same weights for every extraction
+    stage, and hashing L/14 (about 900 MB) takes seconds. A rewritten file has a new mtime or inode."""
     from evl_cache.backbone import file_sha256
 
-    return ["sha256", file_sha256(path)] if os.path.isfile(path) else None
+    return file_sha256(path)
 
 
 def legacy_weights_stamp(path: str) -> list[float] | None:

@@ -235,6 +235,24 @@ def test_weights_are_stamped_by_content_and_legacy_stamps_of_the_same_file_are_k
     assert not led.run("extract", key, fn, complete=out.is_dir, outputs=[]).skipped and len(calls) == 3
 
 
+def test_weights_are_hashed_once_per_file_version(tmp_path, monkeypatch):
+    """A recipe stamps the same weights for every extraction stage: the file is hashed once, and again
+    only when it is rewritten (new bytes, new mtime)."""
+    import common
+    from evl_cache import backbone
+
+    hashed = []
+    real = backbone.file_sha256
+    monkeypatch.setattr(backbone, "file_sha256", lambda p: hashed.append(p) or real(p))
+    w = tmp_path / "w.safetensors"
+    w.write_bytes(b"a" * 64)
+    first = common.weights_stamp(str(w))
+    assert common.weights_stamp(str(w)) == first and len(hashed) == 1
+    w.write_bytes(b"b" * 64)  # same size, in place
+    os.utime(w, ns=(os.stat(w).st_mtime_ns + 1_000_000, os.stat(w).st_mtime_ns + 1_000_000))
+    assert common.weights_stamp(str(w)) == ["sha256", real(w)] != first and len(hashed) == 2
+
+
 def test_ledger_never_removes_outside_its_work_dir(tmp_path):
     outside = tmp_path / "precious"
     outside.mkdir()
