@@ -386,7 +386,7 @@ def eval_(
                f"{100 * m['top5']:.2f}%  mean class {100 * mean_class:.2f}% {counts}" if m["top1"] is not None
                else f"{m['videos']} labelled videos: no accuracy to report {counts}")
     if out is not None:
-        typer.echo(f"wrote {out}/metrics.json, predictions.csv, confusion_matrix.png")
+        typer.echo(f"wrote {out}/metrics.json, predictions.csv, scores.npz, confusion_matrix.png")
 
 
 def _eval_release(release: Path, checkpoint: Path | None, store: str | None, out: Path | None, dataset: str | None,
