@@ -24,6 +24,21 @@ def _short_temp_dir() -> str:
     return path
 
 
+# Ray starts its workers at nice 15 so that its own daemons stay responsive on a busy node. For an
+# embedded Ray, the workers *are* the job: at nice 15 any other process on the machine (a training
+# run, a test suite) starves them. Measured beside one training job on 2 cores: 13 videos took
+# 250 s at nice 15 (the workers spent minutes importing torch at 5% CPU each) and 35 s at nice 0
+# (docs/benchmarks.md, "Extraction beside another job"). The user's RAY_worker_niceness wins.
+EMBEDDED_WORKER_NICENESS = 0
+
+
+def embedded_system_config() -> dict[str, object]:
+    """Ray system settings of an embedded session: the workers at the caller's priority."""
+    if "RAY_worker_niceness" in os.environ:
+        return {}
+    return {"worker_niceness": EMBEDDED_WORKER_NICENESS}
+
+
 @contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> Iterator[object]:
     """Start an embedded local Ray (or join ``address``) for the duration of the block.
@@ -49,6 +64,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
                 include_dashboard=False,
                 _temp_dir=_short_temp_dir(),
                 _node_ip_address="127.0.0.1",
+                _system_config=embedded_system_config(),
                 log_to_driver=False,
                 configure_logging=False,
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 
 from evl_cache.ray_runtime import ray_session
@@ -39,3 +40,12 @@ def test_embedded_ray_listens_on_loopback_only():
     assert new, "Ray opened no listening socket? the check would be vacuous"
     exposed = [(a, p) for a, p in new if not ipaddress.ip_address(a).is_loopback]
     assert not exposed, f"Ray listens beyond loopback: {exposed}"
+
+
+def test_embedded_ray_workers_run_at_the_callers_priority(monkeypatch):
+    """Ray's default puts workers at nice 15, where any other job on the machine starves them; an
+    embedded session runs them at nice 0 unless the user set RAY_worker_niceness."""
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    with ray_session(num_cpus=1) as ray:
+        niceness = ray.get(ray.remote(lambda: os.nice(0)).remote())
+    assert niceness == os.nice(0)
