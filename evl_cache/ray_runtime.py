@@ -26,9 +26,10 @@ def _short_temp_dir() -> str:
 
 # Ray starts its workers at nice 15 so that its own daemons stay responsive on a busy node. For an
 # embedded Ray, the workers *are* the job: at nice 15 any other process on the machine (a training
-# run, a test suite) starves them. Measured beside one training job on 2 cores: 13 videos took
-# 250 s at nice 15 (the workers spent minutes importing torch at 5% CPU each) and 35 s at nice 0
-# (docs/benchmarks.md, "Extraction beside another job"). The user's RAY_worker_niceness wins.
+# run, a test suite) starves them. Measured beside one training job on 2 cores: 10 videos took
+# 250 s of wall time at nice 15 (the workers spent minutes importing torch at 5% CPU each) and 35 s
+# at nice 0 (docs/benchmarks.md, "Extraction beside another job"). The user's RAY_worker_niceness
+# wins. Ray applies the value as an increment, so 0 keeps the caller's own niceness.
 EMBEDDED_WORKER_NICENESS = 0
 
 

@@ -49,3 +49,12 @@ def test_embedded_ray_workers_run_at_the_callers_priority(monkeypatch):
     with ray_session(num_cpus=1) as ray:
         niceness = ray.get(ray.remote(lambda: os.nice(0)).remote())
     assert niceness == os.nice(0)
+
+
+def test_a_users_ray_worker_niceness_is_left_to_ray(monkeypatch):
+    from evl_cache.ray_runtime import embedded_system_config
+
+    monkeypatch.setenv("RAY_worker_niceness", "15")
+    assert embedded_system_config() == {}
+    monkeypatch.delenv("RAY_worker_niceness")
+    assert embedded_system_config() == {"worker_niceness": 0}
