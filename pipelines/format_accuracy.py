@@ -236,10 +236,15 @@ def is_views_row(fmt: Format) -> bool:
     return fmt.train_views is not None
 
 
+def finished_views_rows(result: dict[str, Any]) -> list[Format]:
+    """The V rows that trained and evaluated (a crashed one is listed under the failed cells)."""
+    return [f for f in result["formats"] if is_views_row(f) and "error" not in result["rows"][f.name]]
+
+
 def views_section(result: dict[str, Any], v: dict[str, dict[str, Any]]) -> list[str]:
     """The V experiment's table (empty when no V row was run)."""
     rows = result["rows"]
-    done = [f for f in result["formats"] if is_views_row(f) and "error" not in rows[f.name]]
+    done = finished_views_rows(result)
     if not done:
         return []
     table = [[str(f.use_views), pct(rows[f.name]["top1"]), f"{v[f.name]['delta']:+.2f}", pct(rows[f.name]["motion"]),
@@ -371,7 +376,7 @@ def plot(out: Path, result: dict[str, Any]) -> Path:
 def plot_views(out: Path, result: dict[str, Any]) -> Path | None:
     """Top-1 against the number of cached augmented views V, beside the plain-view float16 baseline."""
     rows = result["rows"]
-    done = [f for f in result["formats"] if is_views_row(f) and "error" not in rows[f.name]]
+    done = finished_views_rows(result)
     if not done:
         return None
     import matplotlib
