@@ -44,7 +44,7 @@ def test_embedded_ray_listens_on_loopback_only():
 
 def test_embedded_ray_workers_run_at_the_callers_priority(monkeypatch):
     """Ray's default puts workers at nice 15, where any other job on the machine starves them; an
-    embedded session runs them at nice 0 unless the user set RAY_worker_niceness."""
+    embedded session runs them at the caller's niceness unless the user set RAY_worker_niceness."""
     monkeypatch.delenv("RAY_worker_niceness", raising=False)
     with ray_session(num_cpus=1) as ray:
         niceness = ray.get(ray.remote(lambda: os.nice(0)).remote())
