@@ -4,13 +4,15 @@ Table 12 fine-tunes the Kinetics-400 decoder to UCF-101 and HMDB-51 (`make finet
 datasets). Here the same mechanism runs on generated videos: the benchmark's classes are split into a
 SOURCE set and a disjoint TARGET set (configs/synthetic_transfer.yaml says which and why); a decoder is
 trained on the source, then three decoders are trained on the target's few videos per class with the same
-steps, seed and data:
+steps and data, each once per seed of ``pipeline.target_seeds`` (a seed sets the decoder's or head's init
+and the batch order; run i of every setting shares it, so settings compare in pairs):
   scratch        a fresh decoder (what training on the small dataset alone gives)
   finetune x0.1  `train.init_from` the source decoder (every weight but the head, which is fresh since the
                  classes differ), the loaded weights at 0.1 x the learning rate, as the paper does
   finetune x1.0  the same at the full learning rate (other `finetune_lr_mults` add rows)
-Each is evaluated on the target's full eval split; results/transfer/table.md, table.json and
-transfer.png (top-1 per setting, and top-1 against steps from each run's metrics.jsonl).
+Each run is evaluated on the target's full eval split; results/transfer/table.md, table.json and
+transfer.png (top-1 per setting as the mean over seeds with every seed shown, and top-1 against steps
+from the runs' metrics.jsonl).
 
 Stores are separate per class set (the generator's ``classes=``), extracted with the committed tiny ViT
 like `make demo`. Finished stages are skipped on rerun; retraining the source redoes the fine-tuned runs.
@@ -45,7 +47,7 @@ from evl_cache.errors import UserError
 SIDES = ("source", "target")
 # --smoke: every class, a few videos and steps (tests the recipe end to end in a couple of minutes).
 SMOKE_SYNTH = {"source": {"train_per_class": 2, "val_per_class": 1}, "target": {"train_per_class": 2, "val_per_class": 1}}
-SMOKE_STEPS = {"source_steps": 4, "target_steps": 3, "target_eval_every": 3}
+SMOKE_STEPS = {"source_steps": 4, "target_steps": 3, "target_eval_every": 3, "target_seeds": [0, 1]}
 
 
 @dataclass(frozen=True)
@@ -95,13 +97,24 @@ def settings(recipe: dict[str, Any]) -> list[Setting]:
     return out
 
 
+def target_seeds(recipe: dict[str, Any]) -> list[int]:
+    """``pipeline.target_seeds`` (default: ``train.seed`` alone): every target setting runs once per seed."""
+    seeds = recipe["pipeline"].get("target_seeds", [int(recipe["train"].get("seed", 0))])
+    if not isinstance(seeds, list) or not seeds or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise UserError(f"{recipe.get('_path', 'recipe')}: pipeline.target_seeds must be a list of distinct integers >= 0, "
+                        f"e.g. [0, 1, 2]; got {seeds!r}")
+    return seeds
+
+
 def target_config(recipe: dict[str, Any], setting: Setting, train_store: Path, val_store: Path,
-                  source_checkpoint: Path) -> Any:
-    """The run config of one target setting: the recipe's model/train/data at ``target_steps``, differing
-    between settings only in ``init_from`` and ``pretrained_lr_mult``."""
+                  source_checkpoint: Path, seed: int) -> Any:
+    """The run config of one target setting at one seed: the recipe's model/train/data at ``target_steps``,
+    differing between settings only in ``init_from`` and ``pretrained_lr_mult``."""
     p = recipe["pipeline"]
     steps = int(p["target_steps"])
-    t: dict[str, Any] = {"steps": steps, "eval_every": int(p.get("target_eval_every", steps)), "checkpoint_every": steps}
+    t: dict[str, Any] = {"steps": steps, "eval_every": int(p.get("target_eval_every", steps)), "checkpoint_every": steps,
+                         "seed": seed}
     if setting.finetuned:
         t.update(init_from=str(source_checkpoint), pretrained_lr_mult=setting.lr_mult)
     return run_config(recipe, str(train_store), str(val_store), train=t)
@@ -121,6 +134,63 @@ def val_curve(run_dir: Path) -> list[tuple[int, float]]:
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return sorted((int(r["step"]), float(r["val_top1"])) for r in rows if "val_top1" in r)
+
+
+def target_run_dirs(work: Path, setting: Setting, seed: int) -> tuple[Path, Path]:
+    """(run directory, eval directory) of one target run; the ledger stages are ``train_<run dir name>``
+    and ``eval_<run dir name>``."""
+    name = f"{setting.name}_seed{seed}"
+    return work / "target" / name, work / "target" / f"eval_{name}"
+
+
+def forget_finetuned_runs(ledger: Ledger, work: Path, runs: list[Setting], seeds: list[int]) -> None:
+    """Drop the fine-tuned target runs (ledger stages and folders): they started from an older source decoder."""
+    for r in runs:
+        for seed in seeds if r.finetuned else ():
+            run_dir, eval_dir = target_run_dirs(work, r, seed)
+            for stage in (f"train_{run_dir.name}", eval_dir.name):
+                ledger.entries.pop(stage, None)
+            for path in (run_dir, eval_dir):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def target_run_result(run_dir: Path, eval_dir: Path, target_classes: list[str], seed: int, steps: int,
+                      train: Any, evaluation: Any) -> dict[str, Any]:
+    """The numbers of one target run, from its eval metrics, metrics.jsonl and init_from.json."""
+    from evl_cache.synth import CLASS_SPECS
+
+    metrics = read_metrics(eval_dir)
+    kinds = {n: CLASS_SPECS[n].kind for n in target_classes}
+    init = json.loads((run_dir / "init_from.json").read_text()) if (run_dir / "init_from.json").is_file() else None
+    return {"seed": seed, "top1": metrics["top1"], "mean_class": metrics["mean_class_accuracy"],
+            **split_accuracy(metrics, kinds), "videos": metrics["videos"], "steps": steps,
+            "train_s": train.seconds, "eval_s": evaluation.seconds, "curve": val_curve(run_dir),
+            "final_loss": train.info.get("final_loss"), "taken": len(init["taken"]) if init else None,
+            "fresh": [f[0] for f in init["fresh"]] if init else None}
+
+
+def summarise_setting(setting: Setting, runs: list[dict[str, Any]], scratch: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """One table row from a setting's runs (one per seed, in seed order): the mean of top-1, motion and
+    appearance over seeds, their sample standard deviation, the mean validation curve, and, against
+    ``scratch`` (the scratch runs at the same seeds), the paired differences in top-1."""
+    import statistics
+
+    def mean(key: str) -> float | None:
+        vals = [r[key] for r in runs if r[key] is not None]
+        return statistics.fmean(vals) if vals else None
+
+    top1 = [r["top1"] for r in runs]
+    steps = sorted({s for r in runs for s, _ in r["curve"]})
+    curve = [(s, statistics.fmean(v for r in runs for t, v in r["curve"] if t == s)) for s in steps
+             if all(any(t == s for t, _ in r["curve"]) for r in runs)]
+    paired = None if scratch is None else [a["top1"] - b["top1"] for a, b in zip(runs, scratch, strict=True)]
+    first = runs[0]
+    return {"name": setting.name, "label": setting.label, "lr_mult": setting.lr_mult,
+            "seeds": [r["seed"] for r in runs], "top1": mean("top1"), "top1_sd": statistics.stdev(top1) if len(top1) > 1 else None,
+            "motion": mean("motion"), "appearance": mean("appearance"), "mean_class": mean("mean_class"),
+            "vs_scratch_paired": paired, "curve": curve, "train_s": statistics.fmean(r["train_s"] for r in runs),
+            "videos": first["videos"], "steps": first["steps"], "taken": first["taken"], "fresh": first["fresh"],
+            "runs": runs}
 
 
 def smoke_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -143,14 +213,14 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     if args.smoke:
         recipe = smoke_recipe(recipe)
     classes = dict(zip(SIDES, split_classes(recipe)))
-    runs = settings(recipe)
+    runs, seeds = settings(recipe), target_seeds(recipe)
     threads = set_threads(args.threads)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(work)
     arch, weights, note = backbone_choice(recipe, work)
     p = recipe["pipeline"]
-    n_steps = 4 + 2 * 2 + 2 * len(runs)
+    n_steps = 4 + 2 * 2 + 2 * len(runs) * len(seeds)
 
     data = {s: work / s / "synth" for s in SIDES}
     stores = {(s, split): work / s / "cache" / f"{split}.zarr" for s in SIDES for split in ("train", "val")}
@@ -175,11 +245,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     say(f"[{i}/{n_steps}] train the source decoder: {cfg.train.steps} steps x batch {cfg.train.batch_size} -> {rel(src_dir)}")
     src = train_stage(ledger, "train_source", cfg, src_dir, progress=not args.no_progress)
     if not src.skipped:  # a new source decoder: runs fine-tuned from the old one are stale
-        for r in runs:
-            if r.finetuned:
-                for stage, path in ((f"train_{r.name}", work / "target" / r.name), (f"eval_{r.name}", work / "target" / f"eval_{r.name}")):
-                    ledger.entries.pop(stage, None)
-                    shutil.rmtree(path, ignore_errors=True)
+        forget_finetuned_runs(ledger, work, runs, seeds)
     i += 1
     say(f"[{i}/{n_steps}] evaluate the source decoder on the source classes -> {rel(src_eval)}")
     eval_stage(ledger, "eval_source", src_dir / "model", stores["source", "val"], src_eval)
@@ -187,22 +253,18 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
     rows = []
     for r in runs:
-        run_dir, eval_dir = work / "target" / r.name, work / "target" / f"eval_{r.name}"
-        cfg = target_config(recipe, r, stores["target", "train"], stores["target", "val"], src_dir / "model")
-        say(f"[{i}/{n_steps}] target, {r.label}: {cfg.train.steps} steps x batch {cfg.train.batch_size} -> {rel(run_dir)}")
-        t = train_stage(ledger, f"train_{r.name}", cfg, run_dir, progress=not args.no_progress)
-        say(f"[{i + 1}/{n_steps}] evaluate on the target eval split -> {rel(eval_dir)}")
-        e = eval_stage(ledger, f"eval_{r.name}", run_dir / "model", stores["target", "val"], eval_dir)
-        i += 2
-        metrics = read_metrics(eval_dir)
-        kinds = {n: CLASS_SPECS[n].kind for n in classes["target"]}
-        init = json.loads((run_dir / "init_from.json").read_text()) if (run_dir / "init_from.json").is_file() else None
-        rows.append({"name": r.name, "label": r.label, "lr_mult": r.lr_mult, "top1": metrics["top1"],
-                     "mean_class": metrics["mean_class_accuracy"], **split_accuracy(metrics, kinds),
-                     "videos": metrics["videos"], "steps": cfg.train.steps, "train_s": t.seconds, "eval_s": e.seconds,
-                     "curve": val_curve(run_dir), "final_loss": t.info.get("final_loss"),
-                     "taken": len(init["taken"]) if init else None,
-                     "fresh": [f[0] for f in init["fresh"]] if init else None})
+        per_seed = []
+        for seed in seeds:
+            run_dir, eval_dir = target_run_dirs(work, r, seed)
+            cfg = target_config(recipe, r, stores["target", "train"], stores["target", "val"], src_dir / "model", seed)
+            say(f"[{i}/{n_steps}] target, {r.label}, seed {seed}: {cfg.train.steps} steps x batch {cfg.train.batch_size} "
+                f"-> {rel(run_dir)}")
+            t = train_stage(ledger, f"train_{run_dir.name}", cfg, run_dir, progress=not args.no_progress)
+            say(f"[{i + 1}/{n_steps}] evaluate on the target eval split -> {rel(eval_dir)}")
+            e = eval_stage(ledger, f"eval_{run_dir.name}", run_dir / "model", stores["target", "val"], eval_dir)
+            i += 2
+            per_seed.append(target_run_result(run_dir, eval_dir, classes["target"], seed, cfg.train.steps, t, e))
+        rows.append(summarise_setting(r, per_seed, rows[0]["runs"] if rows else None))
 
     src_metrics = read_metrics(src_eval)
     stages = {n: res.seconds for n, res in ledger.results.items()}
@@ -212,7 +274,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "classes": classes, "kinds": {n: CLASS_SPECS[n].kind for s in SIDES for n in classes[s]},
         "videos": {s: {k: ledger.results[f"synth_{s}"].info[f"{k}_videos"] for k in ("train", "val")} for s in SIDES},
         "source": {"steps": int(p["source_steps"]), "top1": src_metrics["top1"], "videos": src_metrics["videos"]},
-        "target_steps": int(p["target_steps"]), "seed": int(recipe["train"].get("seed", 0)),
+        "target_steps": int(p["target_steps"]), "seeds": seeds,
         "batch_size": int(recipe["train"]["batch_size"]), "lr": float(recipe["train"]["lr"]),
         "rows": rows, "stage_seconds": stages, "stage_total_s": sum(stages.values()),
         "wall_s_this_run": time.perf_counter() - began,
@@ -220,17 +282,27 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def paired_text(diffs: list[float] | None) -> str:
+    """'+6.2 (3 of 3 seeds ahead)': the mean paired difference to scratch and how many seeds it is ahead in."""
+    if diffs is None:
+        return "-"
+    ahead = sum(d > 0 for d in diffs)
+    return f"{100 * sum(diffs) / len(diffs):+.1f} ({ahead} of {len(diffs)} seed{'s' if len(diffs) > 1 else ''} ahead)"
+
+
 def write_table(out: Path, res: dict[str, Any], command: str) -> None:
     """table.md and table.json: every number comes from ``res`` (this run's ledger and metrics)."""
     out.mkdir(parents=True, exist_ok=True)
     rows = res["rows"]
-    scratch = next(r for r in rows if r["name"] == "scratch")
     tgt, src = res["classes"]["target"], res["classes"]["source"]
     n_motion = sum(res["kinds"][n] == "motion" for n in tgt)
+    n = len(res["seeds"])
     table = md_table(
-        ["setting", "top-1 %", "vs scratch (points)", f"motion ({n_motion} classes) %", f"appearance ({len(tgt) - n_motion}) %",
-         "best val top-1 % (step)", "tensors from the source", "train time"],
-        [[r["label"], pct(r["top1"]), "-" if r is scratch else f"{100 * (r['top1'] - scratch['top1']):+.1f}",
+        ["setting", f"top-1 % (mean{' ± sd' if n > 1 else ''} of {n} seed{'s' if n > 1 else ''})", "top-1 % per seed",
+         "vs scratch, same seed (points)", f"motion ({n_motion} classes) %", f"appearance ({len(tgt) - n_motion}) %",
+         "best mean val top-1 % (step)", "tensors from the source", "train time per run"],
+        [[r["label"], pct(r["top1"]) + (f" ± {100 * r['top1_sd']:.1f}" if r["top1_sd"] is not None else ""),
+          " / ".join(pct(x["top1"]) for x in r["runs"]), paired_text(r["vs_scratch_paired"]),
           pct(r["motion"]), pct(r["appearance"]),
           (lambda b: f"{pct(b[1])} ({b[0]})")(max(r["curve"], key=lambda c: c[1])) if r["curve"] else "-",
           "-" if r["taken"] is None else f"{r['taken']} (fresh: {', '.join(r['fresh'])})", fmt_s(r["train_s"])]
@@ -245,8 +317,10 @@ def write_table(out: Path, res: dict[str, Any], command: str) -> None:
         f"Target: {len(tgt)} other classes ({', '.join(tgt)}), **{v['target']['train'] // len(tgt)} training videos per "
         f"class** ({v['target']['train']} in all), evaluated on {v['target']['val']} eval videos (chance "
         f"{100 / len(tgt):.1f}%). Every target run: {res['target_steps']} steps x batch {res['batch_size']}, lr "
-        f"{res['lr']:g}, seed {res['seed']}, the same videos; they differ only in `train.init_from` and "
-        f"`train.pretrained_lr_mult` (the head is always fresh and trains at the full lr).\n",
+        f"{res['lr']:g}, the same videos, once per seed ({', '.join(map(str, res['seeds']))}: the seed sets the fresh "
+        f"weights and the batch order, the same in every setting); settings differ only in `train.init_from` and "
+        f"`train.pretrained_lr_mult` (the head is always fresh and trains at the full lr). One eval video is "
+        f"{100 / v['target']['val']:.2f} points.\n",
         table,
         "![top-1 per setting and against steps](transfer.png)\n",
         f"Wall time: {fmt_s(res['stage_total_s'])} for all stages as measured when each ran "
@@ -272,9 +346,15 @@ def plot(out: Path, res: dict[str, Any]) -> Path:
     xs = range(len(rows))
     for j, (key, label) in enumerate((("top1", "all"), ("motion", "motion classes"), ("appearance", "appearance classes"))):
         vals = [100 * (r[key] or 0) for r in rows]
-        bars = a.bar([x + (j - 1) * width for x in xs], vals, width, label=label)
+        at = [x + (j - 1) * width for x in xs]
         if key == "top1":
-            a.bar_label(bars, fmt="%.1f", fontsize=8)
+            sd = [100 * (r["top1_sd"] or 0) for r in rows]
+            bars = a.bar(at, vals, width, yerr=sd, capsize=3, label=f"{label} (mean ± sd)" if len(res["seeds"]) > 1 else label)
+            a.bar_label(bars, fmt="%.1f", fontsize=8, padding=6)
+            for x, r in zip(at, rows):
+                a.plot([x] * len(r["runs"]), [100 * run["top1"] for run in r["runs"]], "k.", markersize=4)
+        else:
+            a.bar(at, vals, width, label=label)
     a.axhline(100 / len(res["classes"]["target"]), color="grey", ls=":", lw=1, label="chance")
     a.set_xticks(list(xs), [r["label"].replace(", ", ",\n") for r in rows], fontsize=8)
     a.set_ylabel("top-1 on the target eval split (%)")
@@ -286,7 +366,7 @@ def plot(out: Path, res: dict[str, Any]) -> Path:
             b.plot([c[0] for c in r["curve"]], [100 * c[1] for c in r["curve"]], marker="o", markersize=3, label=r["label"])
     b.set_xlabel("training step")
     b.set_ylabel("validation top-1 (%)")
-    b.set_title("top-1 against steps (metrics.jsonl)")
+    b.set_title("top-1 against steps (metrics.jsonl" + (f", mean of {len(res['seeds'])} seeds)" if len(res["seeds"]) > 1 else ")"))
     b.set_ylim(0, 105)
     b.grid(alpha=0.3)
     b.legend(fontsize=7, loc="lower right")
@@ -314,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"\ntransfer{' (SMOKE)' if args.smoke else ''}: source decoder {pct(res['source']['top1'])}% on its own classes; "
         f"target, {res['videos']['target']['train'] // len(res['classes']['target'])} videos per class:")
     for r in res["rows"]:
-        say(f"  {r['label']:<34} top-1 {pct(r['top1']):>6}  (motion {pct(r['motion'])}, appearance {pct(r['appearance'])})")
+        say(f"  {r['label']:<34} top-1 {pct(r['top1']):>6}  (per seed {' / '.join(pct(x['top1']) for x in r['runs'])}; "
+            f"motion {pct(r['motion'])}, appearance {pct(r['appearance'])}; vs scratch {paired_text(r['vs_scratch_paired'])})")
     say(f"stages {fmt_s(res['stage_total_s'])}; report: {rel(out / 'table.md')}")
     return 0
 

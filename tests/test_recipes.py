@@ -517,12 +517,14 @@ def test_transfer_refuses_a_class_on_both_sides(tmp_path):
 
 def test_transfer_target_runs_differ_only_in_init_from_and_lr_mult():
     """Same steps, seed, data and optimiser for every target run; fine-tuned ones add init_from and the mult."""
-    from transfer_synthetic import settings, target_config
+    from transfer_synthetic import settings, target_config, target_seeds
 
     r = load_recipe(ROOT / "configs" / "synthetic_transfer.yaml")
     runs = settings(r)
     assert [(s.name, s.lr_mult) for s in runs] == [("scratch", None), ("finetune_lr0.1", 0.1), ("finetune_lr1", 1.0)]
-    cfgs = [target_config(r, s, Path("t.zarr"), Path("v.zarr"), Path("src/model")).to_dict() for s in runs]
+    assert target_seeds(r) == [0, 1, 2]
+    assert target_config(r, runs[0], Path("t.zarr"), Path("v.zarr"), Path("src/model"), 2).train.seed == 2
+    cfgs = [target_config(r, s, Path("t.zarr"), Path("v.zarr"), Path("src/model"), 1).to_dict() for s in runs]
     assert cfgs[0]["train"]["init_from"] is None and cfgs[1]["train"]["init_from"] == "src/model"
     assert [c["train"]["pretrained_lr_mult"] for c in cfgs] == [1.0, 0.1, 1.0]
     for c in cfgs:
@@ -531,6 +533,37 @@ def test_transfer_target_runs_differ_only_in_init_from_and_lr_mult():
     r["pipeline"]["finetune_lr_mults"] = "0.1"
     with pytest.raises(UserError, match="finetune_lr_mults must be a list"):
         settings(r)
+    for bad in ([0, 0], [], "0", [True], [-1]):
+        r["pipeline"]["target_seeds"] = bad
+        with pytest.raises(UserError, match="target_seeds must be a list of distinct integers"):
+            target_seeds(r)
+    del r["pipeline"]["target_seeds"]
+    assert target_seeds(r) == [r["train"]["seed"]]
+
+
+def test_transfer_setting_row_is_the_mean_over_seeds_with_paired_gaps_to_scratch():
+    """One row per setting: mean and sample sd of top-1 over seeds, the mean curve over steps every run
+    has, and top-1 minus scratch's at the same seed, seed by seed."""
+    from transfer_synthetic import Setting, paired_text, summarise_setting
+
+    def run(seed: int, top1: float, curve: list[tuple[int, float]]) -> dict:
+        return {"seed": seed, "top1": top1, "motion": top1, "appearance": None, "mean_class": top1, "train_s": 10.0 * (seed + 1),
+                "videos": 210, "steps": 80, "taken": None, "fresh": None, "curve": curve}
+
+    scratch_runs = [run(0, 0.50, [(20, 0.2), (40, 0.4)]), run(1, 0.60, [(20, 0.3), (40, 0.5)])]
+    scratch = summarise_setting(Setting("scratch", "from scratch"), scratch_runs, None)
+    assert scratch["top1"] == pytest.approx(0.55) and scratch["top1_sd"] == pytest.approx(0.0707107, rel=1e-5)
+    assert scratch["curve"] == [(20, pytest.approx(0.25)), (40, pytest.approx(0.45))] and scratch["train_s"] == 15.0
+    assert scratch["vs_scratch_paired"] is None and scratch["appearance"] is None and scratch["seeds"] == [0, 1]
+    tuned = summarise_setting(Setting("finetune_lr1", "x1", 1.0), [run(0, 0.70, [(20, 0.5)]), run(1, 0.55, [(20, 0.4), (40, 0.5)])],
+                              scratch_runs)
+    assert tuned["vs_scratch_paired"] == [pytest.approx(0.20), pytest.approx(-0.05)]
+    assert tuned["curve"] == [(20, pytest.approx(0.45))]  # step 40 is missing from seed 0's curve
+    assert paired_text(tuned["vs_scratch_paired"]) == "+7.5 (1 of 2 seeds ahead)" and paired_text(None) == "-"
+    one = summarise_setting(Setting("scratch", "from scratch"), scratch_runs[:1], None)
+    assert one["top1_sd"] is None and one["top1"] == 0.50
+    with pytest.raises(ValueError):  # a setting missing a seed cannot be paired
+        summarise_setting(Setting("finetune_lr1", "x1", 1.0), [run(0, 0.7, [])], scratch_runs)
 
 
 def test_transfer_val_curve_reads_the_validation_records(tmp_path):
@@ -553,8 +586,11 @@ def test_transfer_smoke_end_to_end(tmp_path):
     scratch, *tuned = data["rows"]
     assert scratch["taken"] is None and all(r["taken"] > 0 and r["fresh"] == ["head.fc.weight", "head.fc.bias"] for r in tuned)
     assert all(r["videos"] == 7 and r["curve"] and r["steps"] == 3 for r in data["rows"])
+    assert data["seeds"] == [0, 1] and all([x["seed"] for x in r["runs"]] == [0, 1] for r in data["rows"])
+    assert all(len(r["vs_scratch_paired"]) == 2 for r in tuned)
     stages = json.loads((tmp_path / "work" / "stages.json").read_text())
     assert sum(k.startswith("extract_") for k in stages) == 4
+    assert sum(k.startswith("train_") and k.endswith(("_seed0", "_seed1")) for k in stages) == 6
     md = (tmp_path / "out" / "table.md").read_text()
     assert "SMOKE RUN" in md and "fine-tuned, pretrained lr x0.1" in md
     assert (tmp_path / "out" / "transfer.png").stat().st_size > 10_000
