@@ -51,8 +51,9 @@ ablation-table8: $(STAMP)
 	$(K400_VARS) $(PY) pipelines/ablation_table8.py $(if $(K400_ROOT),--k400)
 
 # Table 6 (decoder depth, feature maps fed, pooled features): 9 decoders in one sweep over the demo's cache.
+# TABLE6_ARGS passes flags, e.g. TABLE6_ARGS="--paper-values paper_table6.yaml --steps 250".
 ablation-table6: $(STAMP)
-	$(K400_VARS) $(PY) pipelines/ablation_table6.py $(if $(K400_ROOT),--k400)
+	$(K400_VARS) $(PY) pipelines/ablation_table6.py $(if $(K400_ROOT),--k400) $(TABLE6_ARGS)
 
 # Table 12: UCF-101 / HMDB-51 fine-tuned from the K400 checkpoints, the 3 official splits and their mean
 # (results/table12.md + PNG). Without the data it says what it needs and exits 2; SMOKE=1 runs on generated videos.

@@ -13,6 +13,9 @@ what each decoder reads, so no row needs its own extraction:
 All rows train in one sweep (`evl_cache.sweep`: each batch read once, fed to every decoder, each equal
 to its solo run). Writes results/table6.md, table6.json and table6.png. Default: the synthetic
 benchmark with `make demo`'s caches; `--k400` uses the B/16 8-frame Table 1 row's caches.
+
+The paper's Table 6 values are not shipped (they were not available to this project offline);
+`--paper-values FILE` (YAML, row tag -> the paper's top-1 in %) adds them as a column beside ours.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import Any
 
 from ablation_table8 import add_cache_arguments, finish_cache_arguments, prepare, sweep_and_evaluate
 from common import ROOT, fmt_s, main_guard, md_table, pct, rel, say, set_threads, save_figure, write_text_atomic
+
+from evl_cache.errors import UserError
 
 
 def rows_for(K: int) -> list[dict[str, Any]]:
@@ -48,6 +53,32 @@ def rows_for(K: int) -> list[dict[str, Any]]:
     return rows
 
 
+def load_paper_values(path: Path | None, tags: list[str]) -> dict[str, float]:
+    """``--paper-values``: a YAML mapping of row tag (depth1..depthK, maps1, maps2, pool_none, pool_time,
+    pool_space) to the paper's top-1 in %; rows it leaves out get '-'. Checked before any training."""
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise UserError(f"--paper-values {path}: cannot read it ({err.strerror}); give an existing YAML file") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise UserError(f"--paper-values {path}: cannot read it as YAML ({getattr(err, 'problem', None) or type(err).__name__}"
+                        f"{f' at line {mark.line + 1}' if mark else ''}); give a file like 'depth4: 82.9'") from err
+    if not isinstance(data, dict) or not data:
+        raise UserError(f"--paper-values {path}: expected a mapping of row tag to top-1 %, e.g. 'depth4: 82.9'")
+    unknown = sorted(set(map(str, data)) - set(tags))
+    if unknown:
+        raise UserError(f"--paper-values {path}: unknown row tag(s) {', '.join(unknown)}; the rows are {', '.join(tags)}")
+    bad = [f"{k}: {v!r}" for k, v in data.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 100]
+    if bad:
+        raise UserError(f"--paper-values {path}: {'; '.join(bad)} is not a top-1 in % (a number from 0 to 100)")
+    return {str(k): float(v) for k, v in data.items()}
+
+
 def cached_blocks(store: Path) -> int:
     from evl_cache.store import open_store
 
@@ -61,30 +92,35 @@ def train_rows(c: dict[str, Any], rows: list[dict[str, Any]], args: argparse.Nam
 
 
 def write_report(out: Path, results: list[dict[str, Any]], c: dict[str, Any], sweep_s: float, wall: float,
-                 steps: Any) -> None:
+                 steps: Any, paper: dict[str, float], paper_path: Path | None = None) -> None:
     synthetic = bool(c["kinds"])
-    header = ["part", "decoder reads", "top-1", "top-5"] + (["motion classes", "appearance classes"] if synthetic else [])
+    header = ["part", "decoder reads", "top-1", "top-5"] + (["motion classes", "appearance classes"] if synthetic else []) \
+        + (["paper top-1 (B/16, K400)"] if paper else [])
     rows = []
     for r in results:
         row = [r["part"], r["label"], pct(r["top1"]), pct(r["top5"])]
         if synthetic:
             row += [pct(r["motion"]), pct(r["appearance"])]
+        if paper:
+            row.append(f"{paper[r['tag']]:.1f}" if r["tag"] in paper else "-")
         rows.append(row)
+    about_paper = (f"The paper column comes from `{rel(paper_path)}` (`--paper-values`). " if paper else
+                   "The paper's Table 6 values (B/16, Kinetics-400) are not restated here: they were not available to "
+                   "this project offline (`--paper-values FILE` adds them as a column). ")
     md = [
         "# EVL Table 6: decoder depth, feature maps fed, pooled features, from one cache\n",
         f"Dataset: **{c['dataset']}**; backbone: {c['backbone']}; every row trained {steps.steps} steps x batch "
         f"{steps.batch_size} from the same caches (`{rel(c['train_store'])}`, `{rel(c['val_store'])}`) in one sweep "
         f"({fmt_s(sweep_s)} for all {len(results)}), then evaluated on the eval cache.\n",
         md_table(header, rows),
-        "The paper's Table 6 values (B/16, Kinetics-400) are not restated here: they were not available to this "
-        "project offline, and the synthetic benchmark's values are not comparable to them anyway; compare the "
-        "pattern. The 6c rows have temporal cross attention off (it reads full-resolution maps), so compare them "
+        about_paper + ("The synthetic benchmark's values are not comparable to Kinetics' anyway; compare the pattern. "
+                       if synthetic else "") + "The 6c rows have temporal cross attention off (it reads full-resolution maps), so compare them "
         "with each other, not with 6a/6b.\n",
         f"Wall time of this invocation: {fmt_s(wall)}.\n",
         "![Table 6](table6.png)\n",
     ]
     write_text_atomic(out / "table6.md", "\n".join(md))
-    write_text_atomic(out / "table6.json", json.dumps({"results": results, "sweep_s": sweep_s}, indent=2) + "\n")
+    write_text_atomic(out / "table6.json", json.dumps({"results": results, "sweep_s": sweep_s, "paper": paper}, indent=2) + "\n")
 
 
 def plot(out: Path, results: list[dict[str, Any]], c: dict[str, Any]) -> Path:
@@ -114,14 +150,18 @@ def plot(out: Path, results: list[dict[str, Any]], c: dict[str, Any]) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="EVL Table 6: decoder depth, feature maps and pooling from one cache")
     add_cache_arguments(ap)
+    ap.add_argument("--paper-values", type=Path, default=None,
+                    help="YAML: row tag (depth1..4, maps1, maps2, pool_none, pool_time, pool_space) -> the paper's top-1 %%")
     args = finish_cache_arguments(ap.parse_args(argv))
+    load_paper_values(args.paper_values, [r["tag"] for r in rows_for(4)])  # bad input fails before any work
     threads = set_threads(args.threads)
     began = time.perf_counter()
     c = prepare(args, threads)
     rows = rows_for(cached_blocks(Path(c["train_store"])))
+    paper = load_paper_values(args.paper_values, [r["tag"] for r in rows])
     results, sweep_s, steps = train_rows(c, rows, args)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_report(args.out, results, c, sweep_s, time.perf_counter() - began, steps)
+    write_report(args.out, results, c, sweep_s, time.perf_counter() - began, steps, paper, args.paper_values)
     plot(args.out, results, c)
     say(f"\nTable 6: {args.out / 'table6.md'}")
     for r in results:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -265,10 +267,10 @@ def test_ledger_never_removes_outside_its_work_dir(tmp_path):
 # ------------------------------------------------------------------------------ end to end (slow)
 
 
-def _run(script: str, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
+def _run(script: str, *args: str, timeout: int = 1200, check: bool = True) -> subprocess.CompletedProcess:
     p = subprocess.run([sys.executable, str(PIPES / script), "--no-progress", *args], capture_output=True, text=True,
                        env=_env(), cwd=ROOT, timeout=timeout)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.returncode == 0 or not check, p.stdout[-3000:] + p.stderr[-3000:]
     return p
 
 
@@ -440,6 +442,38 @@ def test_ablation_table6_from_one_cache(tmp_path):
         saved = json.loads((tmp_path / "work" / "table6" / tag / "model.json").read_text())
         dc = saved["decoder"]
         assert (dc["num_layers"], dc["layer_blocks"], dc["pool"]) == (layers, blocks, pool), saved
+
+
+def test_table6_paper_values_become_a_column_and_bad_files_are_refused(tmp_path):
+    """--paper-values: a YAML of row tag -> the paper's top-1 %; a wrong tag or value is one clear error
+    (before any training), and the rows it names get a paper column in table6.md."""
+    from ablation_table6 import load_paper_values, rows_for, write_report
+
+    tags = [r["tag"] for r in rows_for(4)]
+    good = tmp_path / "paper.yaml"
+    good.write_text("depth4: 82.9\npool_space: 80.1\n")
+    assert load_paper_values(good, tags) == {"depth4": 82.9, "pool_space": 80.1} and load_paper_values(None, tags) == {}
+    for text, words in (("depth9: 80\n", "unknown row tag(s) depth9"), ("depth4: high\n", "depth4: 'high' is not a top-1"),
+                        ("depth4: 182\n", "is not a top-1"), ("- 82.9\n", "expected a mapping"), ("a: [\n", "cannot read it as YAML (")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(UserError, match=re.escape(words)):
+            load_paper_values(bad, tags)
+    results = [{**r, "top1": 0.9, "top5": 1.0, "motion": 0.9, "appearance": 0.8} for r in rows_for(4)]
+    c = {"kinds": {"a": "motion"}, "dataset": "synthetic", "backbone": "tiny", "train_store": tmp_path / "t.zarr",
+         "val_store": tmp_path / "v.zarr"}
+    steps = types.SimpleNamespace(steps=10, batch_size=4)
+    write_report(tmp_path, results, c, 1.0, 2.0, steps, load_paper_values(good, tags), good)
+    md = (tmp_path / "table6.md").read_text()
+    assert "| paper top-1 (B/16, K400) |" in md and "| 82.9 |" in md and "| 80.1 |" in md and md.count("| - |") == 7
+    assert json.loads((tmp_path / "table6.json").read_text())["paper"] == {"depth4": 82.9, "pool_space": 80.1}
+    write_report(tmp_path, results, c, 1.0, 2.0, steps, {})
+    assert "paper top-1" not in (tmp_path / "table6.md").read_text()
+    p = _run("ablation_table6.py", "--paper-values", str(tmp_path / "bad.yaml"), "--work", str(tmp_path / "work"), check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --paper-values")
+    assert not (tmp_path / "work").exists()
+    with pytest.raises(UserError, match="cannot read it"):
+        load_paper_values(tmp_path / "none.yaml", tags)
 
 
 def test_ledger_ignores_later_options_at_their_default(tmp_path):
