@@ -349,8 +349,10 @@ def plot(out: Path, res: dict[str, Any]) -> Path:
         at = [x + (j - 1) * width for x in xs]
         if key == "top1":
             sd = [100 * (r["top1_sd"] or 0) for r in rows]
-            bars = a.bar(at, vals, width, yerr=sd, capsize=3, label=f"{label} (mean ± sd)" if len(res["seeds"]) > 1 else label)
-            a.bar_label(bars, fmt="%.1f", fontsize=8, padding=6)
+            a.bar(at, vals, width, yerr=sd, capsize=3, label=f"{label} (mean ± sd)" if len(res["seeds"]) > 1 else label)
+            for x, v, d, r in zip(at, vals, sd, rows):  # the value above its error bar and seed dots, not across them
+                top = max([v + d] + [100 * run["top1"] for run in r["runs"]])
+                a.annotate(f"{v:.1f}", (x, top), xytext=(0, 4), textcoords="offset points", ha="center", fontsize=8)
             for x, r in zip(at, rows):
                 a.plot([x] * len(r["runs"]), [100 * run["top1"] for run in r["runs"]], "k.", markersize=4)
         else:
