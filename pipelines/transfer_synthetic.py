@@ -220,7 +220,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     ledger = Ledger(work)
     arch, weights, note = backbone_choice(recipe, work)
     p = recipe["pipeline"]
-    n_steps = 4 + 2 * 2 + 2 * len(runs) * len(seeds)
+    n_steps = 1 + 4 + 2 + 2 * len(runs) * len(seeds)  # datasets, 4 extractions, source train + eval, target runs
 
     data = {s: work / s / "synth" for s in SIDES}
     stores = {(s, split): work / s / "cache" / f"{split}.zarr" for s in SIDES for split in ("train", "val")}
