@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ablation_table8 import add_cache_arguments, finish_cache_arguments, prepare, sweep_and_evaluate
-from common import ROOT, fmt_s, main_guard, md_table, pct, rel, say, set_threads, save_figure, write_text_atomic
+from ablation_table8 import K400_ROW_CONFIG, add_cache_arguments, finish_cache_arguments, prepare, sweep_and_evaluate
+from common import ROOT, fmt_s, load_recipe, main_guard, md_table, pct, rel, say, set_threads, save_figure, write_text_atomic
 
 from evl_cache.errors import UserError
 
@@ -77,6 +77,18 @@ def load_paper_values(path: Path | None, tags: list[str]) -> dict[str, float]:
     if bad:
         raise UserError(f"--paper-values {path}: {'; '.join(bad)} is not a top-1 in % (a number from 0 to 100)")
     return {str(k): float(v) for k, v in data.items()}
+
+
+def planned_blocks(args: argparse.Namespace) -> int:
+    """K of the cache this run reads, from its recipe's ``extract.blocks`` or ``decoder_layers`` (the
+    backbone's default is its last 4): the rows, and so the valid ``--paper-values`` tags, are known
+    before any extraction or training."""
+    from evl_cache.extract import parse_blocks
+
+    recipe = load_recipe(K400_ROW_CONFIG if args.k400 else args.config)
+    ex = recipe.get("extract", {})
+    blocks = parse_blocks(ex.get("blocks"), ex.get("decoder_layers"))
+    return 4 if blocks is None else len(blocks)
 
 
 def cached_blocks(store: Path) -> int:
@@ -153,12 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paper-values", type=Path, default=None,
                     help="YAML: row tag (depth1..4, maps1, maps2, pool_none, pool_time, pool_space) -> the paper's top-1 %%")
     args = finish_cache_arguments(ap.parse_args(argv))
-    load_paper_values(args.paper_values, [r["tag"] for r in rows_for(4)])  # bad input fails before any work
+    paper = load_paper_values(args.paper_values, [r["tag"] for r in rows_for(planned_blocks(args))])  # before any work
     threads = set_threads(args.threads)
     began = time.perf_counter()
     c = prepare(args, threads)
     rows = rows_for(cached_blocks(Path(c["train_store"])))
-    paper = load_paper_values(args.paper_values, [r["tag"] for r in rows])
     results, sweep_s, steps = train_rows(c, rows, args)
     args.out.mkdir(parents=True, exist_ok=True)
     write_report(args.out, results, c, sweep_s, time.perf_counter() - began, steps, paper, args.paper_values)

@@ -46,6 +46,10 @@ def combo_name(c: tuple[int, int, int]) -> str:
     return "+".join(on) if on else "none"
 
 
+# --k400: the Table 1 row whose caches the ablations share (B/16, 8 frames).
+K400_ROW_CONFIG = ROOT / "configs" / "k400_vitb16_8f.yaml"
+
+
 def prepare(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     """The one cache: synthetic (shared with the demo) or the K400 B/16 8f row (shared with Table 1)."""
     if not args.k400:
@@ -59,7 +63,7 @@ def prepare(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     from reproduce_table1 import check_inputs, prepare_row
     from evl_cache.ray_runtime import ray_session
 
-    row = {"name": "k400_vitb16_8f", "recipe": load_recipe(ROOT / "configs" / "k400_vitb16_8f.yaml")}
+    row = {"name": "k400_vitb16_8f", "recipe": load_recipe(K400_ROW_CONFIG)}
     inputs = check_inputs(args, [row])
     with ray_session(num_cpus=threads):
         p = prepare_row(row, args.work, inputs, False, threads)

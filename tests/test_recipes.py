@@ -476,6 +476,32 @@ def test_table6_paper_values_become_a_column_and_bad_files_are_refused(tmp_path)
         load_paper_values(tmp_path / "none.yaml", tags)
 
 
+def test_table6_paper_tags_follow_the_blocks_the_recipe_caches(tmp_path):
+    """--paper-values is checked before any work against the rows of the cache the recipe will build:
+    a 6-block recipe has a depth6 row, so its paper value is accepted there and refused at K = 4."""
+    from ablation_table6 import load_paper_values, planned_blocks, rows_for
+
+    def args(config: Path, k400: bool = False) -> types.SimpleNamespace:
+        return types.SimpleNamespace(config=config, k400=k400)
+
+    assert planned_blocks(args(ROOT / "configs" / "synthetic_demo.yaml")) == 4
+    assert planned_blocks(args(ROOT / "configs" / "synthetic_demo.yaml", k400=True)) == 4
+    r = load_recipe(ROOT / "configs" / "synthetic_demo.yaml")
+    r["extract"]["decoder_layers"] = 6
+    six = tmp_path / "six.yaml"
+    six.write_text(yaml.safe_dump({k: v for k, v in r.items() if not k.startswith("_")}))
+    assert planned_blocks(args(six)) == 6
+    r["extract"]["blocks"] = "9,10,11"
+    three = tmp_path / "three.yaml"
+    three.write_text(yaml.safe_dump({k: v for k, v in r.items() if not k.startswith("_")}))
+    assert planned_blocks(args(three)) == 3
+    paper = tmp_path / "paper.yaml"
+    paper.write_text("depth6: 83.0\n")
+    assert load_paper_values(paper, [t["tag"] for t in rows_for(planned_blocks(args(six)))]) == {"depth6": 83.0}
+    with pytest.raises(UserError, match="unknown row tag"):
+        load_paper_values(paper, [t["tag"] for t in rows_for(4)])
+
+
 def test_ledger_ignores_later_options_at_their_default(tmp_path):
     """A train stage recorded before model.pool/layer_blocks existed (or with absolute checkout paths)
     is still done: its output is not removed and retrained."""
