@@ -236,6 +236,11 @@ def is_views_row(fmt: Format) -> bool:
     return fmt.train_views is not None
 
 
+def storage_formats(result: dict[str, Any]) -> list[Format]:
+    """The rows that compare storage formats (every row but the V experiment's), in table order."""
+    return [f for f in result["formats"] if not is_views_row(f)]
+
+
 def finished_views_rows(result: dict[str, Any]) -> list[Format]:
     """The V rows that trained and evaluated (a crashed one is listed under the failed cells)."""
     return [f for f in result["formats"] if is_views_row(f) and "error" not in result["rows"][f.name]]
@@ -268,7 +273,7 @@ def write_table(out: Path, result: dict[str, Any]) -> dict[str, Any]:
               "motion", "appearance", "bytes / clip-view", "vs fp16", "on disk (train + eval)", "per view on disk",
               "extract", "train"]
     table = []
-    for fmt in [f for f in result["formats"] if not is_views_row(f)]:
+    for fmt in storage_formats(result):
         r = rows[fmt.name]
         if "error" in r:
             table.append([fmt.label, fmt.dtype, map_label(fmt), str(fmt.use_views or 1), "FAILED", "-", "**fail** (crashed)", "-", "-", "-",
@@ -291,7 +296,7 @@ def write_table(out: Path, result: dict[str, Any]) -> dict[str, Any]:
         title = ("# SMOKE RUN: storage formats vs accuracy\n\n**SMOKE RUN: a few videos and "
                  f"{cfg.steps} steps; the accuracies below test the recipe, they mean nothing.**\n")
     passed = [f for f in result["formats"] if f.name != BASELINE and v[f.name]["pass"]]
-    others = [f for f in result["formats"] if f.name != BASELINE and not is_views_row(f)]
+    others = [f for f in storage_formats(result) if f.name != BASELINE]
     md = [
         title,
         f"The `make demo` benchmark (configs/synthetic_demo.yaml, backbone: {result['backbone']}) trained from each "
@@ -340,7 +345,7 @@ def plot(out: Path, result: dict[str, Any]) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    ok = [f for f in result["formats"] if "error" not in result["rows"][f.name] and not is_views_row(f)]
+    ok = [f for f in storage_formats(result) if "error" not in result["rows"][f.name]]
     rows = result["rows"]
     base = rows[BASELINE]
     x = np.arange(len(ok))
