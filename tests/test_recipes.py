@@ -486,15 +486,17 @@ def test_table6_paper_tags_follow_the_blocks_the_recipe_caches(tmp_path):
 
     assert planned_blocks(args(ROOT / "configs" / "synthetic_demo.yaml")) == 4
     assert planned_blocks(args(ROOT / "configs" / "synthetic_demo.yaml", k400=True)) == 4
+    def saved(recipe: dict, name: str) -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump({k: v for k, v in recipe.items() if not k.startswith("_")}))
+        return path
+
     r = load_recipe(ROOT / "configs" / "synthetic_demo.yaml")
     r["extract"]["decoder_layers"] = 6
-    six = tmp_path / "six.yaml"
-    six.write_text(yaml.safe_dump({k: v for k, v in r.items() if not k.startswith("_")}))
+    six = saved(r, "six.yaml")
     assert planned_blocks(args(six)) == 6
     r["extract"]["blocks"] = "9,10,11"
-    three = tmp_path / "three.yaml"
-    three.write_text(yaml.safe_dump({k: v for k, v in r.items() if not k.startswith("_")}))
-    assert planned_blocks(args(three)) == 3
+    assert planned_blocks(args(saved(r, "three.yaml"))) == 3
     paper = tmp_path / "paper.yaml"
     paper.write_text("depth6: 83.0\n")
     assert load_paper_values(paper, [t["tag"] for t in rows_for(planned_blocks(args(six)))]) == {"depth6": 83.0}
